@@ -1,0 +1,32 @@
+# The two commands of the README. Each sets up everything it needs on a fresh clone:
+# a virtual environment in .venv with the pinned requirements, and (as root, where apt exists)
+# the Debian packages that generate the HEAR-format test tasks.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := espeak-ng fluidsynth fluid-soundfont-gm
+WORKDIR ?= workdirs/demo
+
+.PHONY: setup demo test test-all
+
+$(STAMP): requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v fluidsynth >/dev/null; then \
+	  apt-get install -y -q $(APT_PACKAGES) >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q $(APT_PACKAGES) >/dev/null); \
+	fi
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow" tests

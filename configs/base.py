@@ -1,0 +1,6 @@
+"""AudioMAE++ Base: transformer++ encoder and decoder (paper Table 2)."""
+from configs import common
+
+
+def get_config():
+  return common.base_config("base")

@@ -1,0 +1,13 @@
+"""Ablation (paper Table 3): AudioMAE++ Base with RoPE in the encoder and the decoder.
+
+Positions follow the original (index in the post-masking sequence); set
+`--config.model.encoder_rope=patch_2d` for true time/frequency patch positions.
+"""
+from configs import common
+
+
+def get_config():
+  config = common.base_config("base")
+  config.model.encoder_rope = "sequence"
+  config.model.decoder_rope = "sequence"
+  return config

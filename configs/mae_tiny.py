@@ -1,0 +1,6 @@
+"""Vanilla MAE Tiny: standard pre-norm ViT blocks (exact GELU), the paper's MAE baseline."""
+from configs import common
+
+
+def get_config():
+  return common.base_config("tiny", block="vit")
