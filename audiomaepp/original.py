@@ -1,0 +1,303 @@
+"""Compatibility with the original PyTorch AudioMAE++ implementation and its checkpoints.
+
+`load(weights, original_args)` turns an original state dict plus the original builder's keyword
+arguments into `(model_config, variables)` for `audiomaepp.models.build_model`. Every original
+key maps to exactly one of our parameters (`state_dict_names`), except the fixed sin-cos tables,
+which are checked against ours rather than loaded. (RoPE frequencies, also fixed in training,
+are loaded: the original uses its stored values.)
+PyTorch is needed only to read `.pth` files (`pip install audiomaepp[torch]`).
+"""
+import json
+import os
+import pickle
+from typing import Any, Dict, Mapping, Tuple, Union
+
+from absl import logging
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from audiomaepp.models import layers
+from audiomaepp.models import mae
+from audiomaepp.models.config import ModelConfig, resolve_model_config
+from configs import common
+
+# How an original tensor becomes ours: 'linear' (PyTorch (out, in) -> (in, out)), 'conv'
+# ((out, in, kt, kf) -> (kt, kf, in, out)), 'copy', or 'fixed' (a sin-cos table we compute).
+Entry = Tuple[Tuple[str, ...], str]
+
+FIXED_TOLERANCE = 1e-5
+
+_PLUSPLUS_LAYERS = {
+    "norm1": ("norm1", "norm"), "ffn1.layer1": ("ffn1/fc1", "linear"),
+    "ffn1.layer2": ("ffn1/fc2", "linear"), "norm2": ("norm2", "norm"),
+    "attn.qkv_layer": ("attn/qkv", "linear"), "attn.proj_layer": ("attn/out", "linear"),
+    "norm3": ("norm3", "norm"), "ffn2.linear1": ("swiglu/value", "linear"),
+    "ffn2.linear2": ("swiglu/gate", "linear"), "ffn2.ln": ("swiglu/norm", "norm"),
+    "ffn2.project": ("swiglu/out", "linear"),
+}
+_VIT_LAYERS = {
+    "norm1": ("norm1", "norm"), "attn.qkv_layer": ("attn/qkv", "linear"),
+    "attn.proj_layer": ("attn/out", "linear"), "norm2": ("norm2", "norm"),
+    "mlp.layer1": ("mlp/fc1", "linear"), "mlp.layer2": ("mlp/fc2", "linear"),
+}
+_SUFFIXES = {"norm": (("weight", "scale", "copy"), ("bias", "bias", "copy")),
+             "linear": (("weight", "kernel", "linear"), ("bias", "bias", "copy"))}
+
+
+def _layer(names: Dict[str, Entry], key: str, path: Tuple[str, ...], kind: str) -> None:
+  for suffix, leaf, how in _SUFFIXES[kind]:
+    names[f"{key}.{suffix}"] = (path + (leaf,), how)
+
+
+def state_dict_names(model_config: Any) -> Dict[str, Entry]:
+  """Original state-dict key -> (our parameter path, conversion) for a model config.
+
+  The fixed sin-cos tables ('fixed') have paths naming the constant: ('encoder_pos_embed',),
+  ('decoder_pos_embed',). RoPE frequencies (`rope.freqs`, a non-trained parameter in the
+  original too) load into `.../attn/rope_freqs`.
+  """
+  c = resolve_model_config(model_config)
+  names: Dict[str, Entry] = {
+      "cls_token": (("cls_token",), "copy"),
+      "patch_embed.proj.weight": (("patch_embed", "kernel"), "conv"),
+      "patch_embed.proj.bias": (("patch_embed", "bias"), "copy"),
+      "encoder.pos_embed": (("encoder_pos_embed",), "fixed"),
+      "decoder.mask_token": (("decoder", "mask_token"), "copy"),
+      "decoder.decoder_pos_embed": (("decoder_pos_embed",), "fixed"),
+  }
+  _layer(names, "encoder.encoder_norm", ("encoder", "norm"), "norm")
+  _layer(names, "decoder.decoder_embed", ("decoder", "embed"), "linear")
+  _layer(names, "decoder.decoder_norm", ("decoder", "norm"), "norm")
+  _layer(names, "decoder.decoder_pred", ("decoder", "pred"), "linear")
+  stacks = (("encoder", "encoder.blocks", c.depth, c.encoder_block, c.encoder_rope),
+            ("decoder", "decoder.decoder_blocks", c.decoder_depth, c.decoder_block,
+             c.decoder_rope))
+  for part, prefix, depth, block, rope in stacks:
+    table = _PLUSPLUS_LAYERS if block == "plusplus" else _VIT_LAYERS
+    for i in range(depth):
+      for original, (ours, kind) in table.items():
+        _layer(names, f"{prefix}.{i}.{original}", (part, f"block_{i}", *ours.split("/")), kind)
+      if rope != "none":
+        names[f"{prefix}.{i}.rope.freqs"] = ((part, f"block_{i}", "attn", "rope_freqs"), "copy")
+  return names
+
+
+def _fixed_values(c: ModelConfig) -> Dict[Tuple[str, ...], np.ndarray]:
+  """The sin-cos tables behind the 'fixed' entries, shaped as the original stores them."""
+  return {
+      ("encoder_pos_embed",): layers.sincos_2d_table(c.width, c.grid)[None],
+      ("decoder_pos_embed",): layers.sincos_1d_table(c.decoder_width, c.num_patches)[None],
+  }
+
+
+def _to_original_shape(shape: Tuple[int, ...], how: str) -> Tuple[int, ...]:
+  if how == "linear":
+    return tuple(reversed(shape))
+  if how == "conv":
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
+
+
+def _from_original(array: np.ndarray, how: str) -> np.ndarray:
+  if how == "linear":
+    return array.T
+  if how == "conv":
+    return array.transpose(2, 3, 1, 0)
+  return array
+
+
+def _to_original(array: np.ndarray, how: str) -> np.ndarray:
+  if how == "linear":
+    return array.T
+  if how == "conv":
+    return array.transpose(3, 2, 0, 1)
+  return array
+
+
+def _leaf(tree: Mapping[str, Any], path: Tuple[str, ...]) -> Any:
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def state_dict_shapes(model_config: Any) -> Dict[str, Tuple[int, ...]]:
+  """Original key -> tensor shape that an original checkpoint of this config holds."""
+  c = resolve_model_config(model_config)
+  shapes = mae.param_shapes(c)
+  fixed = _fixed_values(c)
+  return {key: (fixed[path].shape if how == "fixed"
+                else _to_original_shape(_leaf(shapes, path).shape, how))
+          for key, (path, how) in state_dict_names(c).items()}
+
+
+def to_state_dict(params: Any, model_config: Any) -> Dict[str, np.ndarray]:
+  """Our params (boxed or not) -> the original state dict (NumPy float32, with the tables)."""
+  c = resolve_model_config(model_config)
+  params = mae.unbox(params)
+  fixed = _fixed_values(c)
+  return {key: (np.array(fixed[path]) if how == "fixed"
+                else _to_original(np.asarray(_leaf(params, path), np.float32), how))
+          for key, (path, how) in state_dict_names(c).items()}
+
+
+_ARG_FIELDS = {
+    "img_size": "input_shape", "patch_size": "patch_size", "embed_dim": "width",
+    "depth": "depth", "num_heads": "num_heads", "decoder_embed_dim": "decoder_width",
+    "decoder_depth": "decoder_depth", "decoder_num_heads": "decoder_num_heads",
+    "mlp_ratio": "mlp_ratio", "mask_ratio": "mask_ratio", "masking_mode": "mask_mode",
+    "norm_pix_loss": "norm_pix_loss",
+}
+# Original options this project implements only at one value: name -> required value.
+_ARG_REQUIRED = {"in_chans": 1, "use_cls_token": True, "frequency_first": False,
+                 "limit_swiglu_features": False, "additive_swiglu": False}
+_ARG_IGNORED = ("num_params_total",)
+
+
+def model_config_from_args(original_args: Union[Mapping[str, Any], str, os.PathLike]
+                           ) -> ml_collections.ConfigDict:
+  """The original builder's keyword arguments (dict or JSON path) -> our `config.model`."""
+  if isinstance(original_args, (str, os.PathLike)):
+    with open(original_args) as f:
+      original_args = json.load(f)
+  args = dict(original_args)
+  model = common.model_config()
+  model.size = None
+  unknown = sorted(set(args) - set(_ARG_FIELDS) - set(_ARG_REQUIRED) - set(_ARG_IGNORED)
+                   - {f"{p}_{o}" for p in ("encoder", "decoder")
+                      for o in ("plusplus_block", "use_swiglu_final_ffn", "use_rope")})
+  if unknown:
+    raise ValueError(f"original_args: unknown arguments {unknown}")
+  for name, required in _ARG_REQUIRED.items():
+    if name in args and args[name] != required:
+      raise ValueError(f"original_args: {name}={args[name]!r} is not supported "
+                       f"(only {required!r})")
+  for name, field in _ARG_FIELDS.items():
+    if name in args:
+      value = args[name]
+      model[field] = tuple(value) if isinstance(value, (list, tuple)) else value
+  for part in ("encoder", "decoder"):
+    plusplus = bool(args.get(f"{part}_plusplus_block", False))
+    swiglu = bool(args.get(f"{part}_use_swiglu_final_ffn", False))
+    if swiglu != plusplus:
+      raise ValueError(f"original_args: {part}_plusplus_block={plusplus} with "
+                       f"{part}_use_swiglu_final_ffn={swiglu} is not supported (transformer++ "
+                       "blocks here always end with SwiGLU; vanilla blocks never do)")
+    model[f"{part}_block"] = "plusplus" if plusplus else "vit"
+    model[f"{part}_rope"] = "sequence" if args.get(f"{part}_use_rope", False) else "none"
+  sizes = {v: k for k, v in common.ENCODER_SIZES.items()}
+  size = sizes.get((model.width, model.depth, model.num_heads))
+  if size is not None:
+    model.size, model.width, model.depth, model.num_heads = size, None, None, None
+  resolve_model_config(model)
+  return model
+
+
+def original_args_from_config(model_config: Any) -> Dict[str, Any]:
+  """Our `config.model` -> the original builder's keyword arguments (inverse of
+  `model_config_from_args`). Fails for options the original does not have."""
+  c = resolve_model_config(model_config)
+  for name, value, allowed in (("encoder_rope", c.encoder_rope, ("none", "sequence")),
+                               ("decoder_rope", c.decoder_rope, ("none", "sequence")),
+                               ("swiglu_norm", c.swiglu_norm, ("shared",))):
+    if value not in allowed:
+      raise ValueError(f"config.model.{name}={value!r} has no equivalent in the original "
+                       f"(only {list(allowed)})")
+  args = {name: getattr(c, field) for name, field in _ARG_FIELDS.items()}
+  args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+  if not c.norm_pix_loss:
+    del args["norm_pix_loss"]  # the original's MAE_PlusPlus constructor does not take it
+  args.update({k: v for k, v in _ARG_REQUIRED.items()})
+  for part, block, rope in (("encoder", c.encoder_block, c.encoder_rope),
+                            ("decoder", c.decoder_block, c.decoder_rope)):
+    args[f"{part}_plusplus_block"] = block == "plusplus"
+    args[f"{part}_use_swiglu_final_ffn"] = block == "plusplus"
+    args[f"{part}_use_rope"] = rope == "sequence"
+  return args
+
+
+def _read_weights(weights: Union[Mapping[str, Any], str, os.PathLike]) -> Dict[str, np.ndarray]:
+  """A state dict from a `.pth` / `.npz` path or a mapping, as NumPy arrays."""
+  if isinstance(weights, Mapping):
+    state = dict(weights)
+  else:
+    path = os.fspath(weights)
+    if path.endswith(".npz"):
+      with np.load(path) as data:
+        state = {k: data[k] for k in data.files}
+    elif path.endswith((".pth", ".pt")):
+      try:
+        import torch  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise ImportError(f"reading {path} needs PyTorch (pip install torch, or "
+                          "`pip install audiomaepp[torch]`); or convert it to .npz") from e
+      try:
+        # weights_only: never run arbitrary pickled code from a checkpoint file.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+      except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds more than tensors (e.g. training args); if you trust it, save its "
+            "state dict alone: torch.save(torch.load(path, weights_only=False)['model'], "
+            "'model.pth')") from e
+      if isinstance(checkpoint, Mapping) and "model" in checkpoint:
+        checkpoint = checkpoint["model"]
+      state = {k: v.detach().cpu().float().numpy() for k, v in checkpoint.items()}
+    else:
+      raise ValueError(f"weights {path}: expected a .pth, .pt or .npz file")
+  if "model" in state and isinstance(state["model"], Mapping):
+    state = dict(state["model"])
+  return {k: np.asarray(v, np.float32) for k, v in state.items()}
+
+
+def load(weights: Union[Mapping[str, Any], str, os.PathLike],
+         original_args: Union[Mapping[str, Any], str, os.PathLike]
+         ) -> Tuple[ml_collections.ConfigDict, Dict[str, Any]]:
+  """Loads an original checkpoint.
+
+  Args:
+    weights: `.pth` (a dict with key 'model' or a bare state dict; needs PyTorch), `.npz`, or a
+      mapping of arrays with the original key names.
+    original_args: the original builder's keyword arguments (dict or JSON path), e.g.
+      fixtures/*_config.json.
+
+  Returns:
+    (model_config, variables): `config.model` for `build_model`, and {'params': ...} of plain
+    float32 jax arrays.
+
+  Raises:
+    ValueError: listing every missing and unexpected key and every shape mismatch, or when a
+      stored fixed table differs from ours.
+  """
+  model_config = model_config_from_args(original_args)
+  c = resolve_model_config(model_config)
+  state = _read_weights(weights)
+  names = state_dict_names(c)
+  expected = state_dict_shapes(c)
+  missing = sorted(set(names) - set(state))
+  unexpected = sorted(set(state) - set(names))
+  mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)}, expected {expected[k]}"
+                      for k in set(names) & set(state) if tuple(state[k].shape) != expected[k])
+  if missing or unexpected or mismatched:
+    raise ValueError(
+        "original checkpoint does not match the model of original_args:\n"
+        f"  missing keys ({len(missing)}): {missing}\n"
+        f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
+        f"  shape mismatches ({len(mismatched)}): {mismatched}")
+
+  fixed = _fixed_values(c)
+  params: Dict[str, Any] = {}
+  for key, (path, how) in names.items():
+    if how == "fixed":
+      error = float(np.max(np.abs(state[key] - fixed[path])))
+      if error > FIXED_TOLERANCE:
+        raise ValueError(f"original checkpoint: {key} differs from the fixed table this "
+                         f"model computes (max abs difference {error:.3g})")
+      continue
+    node = params
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = jnp.asarray(_from_original(state[key], how))
+  if "plusplus" in (c.encoder_block, c.decoder_block) and c.swiglu_norm == "shared":
+    logging.info("original checkpoint: norm3 of each transformer++ block is loaded but unused "
+                 "(swiglu_norm='shared', as in the original)")
+  return model_config, {"params": params}
