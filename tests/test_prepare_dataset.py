@@ -1,0 +1,43 @@
+"""The prepare_dataset CLI end to end: counts printed, report written, a rerun reuses the build."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import soundfile as sf
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+  done = subprocess.run([sys.executable, "-m", "audiomaepp.tools.prepare_dataset", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+def test_cli_builds_prints_counts_and_reuses(tmp_path):
+  audio_dir = tmp_path / "audio"
+  (audio_dir / "sub").mkdir(parents=True)
+  t = np.arange(16000) / 16000
+  for i in range(4):
+    sf.write(audio_dir / "sub" / f"tone{i}.wav", 0.3 * np.sin(2 * np.pi * 200 * (i + 1) * t),
+             16000)
+  (audio_dir / "broken.wav").write_bytes(b"RIFF not really")
+  out = tmp_path / "out"
+  args = (f"--audio_dir={audio_dir}", f"--output_dir={out}", "--num_workers=0",
+          "--eval_fraction=0.25")
+  stdout = _run(*args)
+  assert "seen 5  written 4  skipped 1  (eval: 1, train: 3; 4 s of audio)" in stdout
+  assert "skipped broken.wav: undecodable" in stdout
+  report_path = out / "audio_logmel" / "1.0.0" / "report.json"
+  report = json.loads(report_path.read_text())
+  assert (report["seen"], report["written"], report["skipped"]) == (5, 4, 1)
+  assert f"report: {report_path}" in stdout
+  shards = sorted(p.name for p in report_path.parent.glob("*.array_record*"))
+  assert shards == ["audio_logmel-eval.array_record-00000-of-00001",
+                    "audio_logmel-train.array_record-00000-of-00001"]
+  summary = stdout[stdout.index("dataset: "):]
+  again = _run(*args)  # the existing build is reused, with its report
+  assert again.startswith("reusing the existing build") and again.endswith(summary)
