@@ -1,0 +1,163 @@
+"""The HEAR 2021 common API over AudioMAE++ encoders (SPEC §6).
+
+    model = load_model("WORKDIR")                      # a pretraining workdir or an imported original
+    scene = get_scene_embeddings(audio, model)         # (n_sounds, 5 * width)
+    frames, times_ms = get_timestamp_embeddings(audio, model)
+
+Each clip's log-mel is standardised over the whole clip, padded with zeros along time to a whole
+number of 200-frame (2 s) chunks and every chunk is encoded without masking. Frame features
+concatenate the 5 frequency-patch tokens of each 4-frame (40 ms) time step; frames that came only
+from padding are dropped; the scene embedding is their mean. All chunks of all clips go through one
+jitted encoder call, with the chunk count rounded up to a power of two so that new clip lengths
+reuse compiled programs.
+
+`frame_layout="original"` reproduces the original code's frequency-major regrouping (its "frames"
+are not real time steps; needed only to match numbers produced with the original release).
+"""
+import dataclasses
+import functools
+from typing import Any, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from audiomaepp import audio as audio_lib
+from audiomaepp import checkpointing
+from audiomaepp import models
+
+SAMPLE_RATE = 16000
+FRAME_LAYOUTS = ("time_major", "original")
+# Chunks per encoder call at most; longer inputs (hours of audio) go through in slices of this size
+# so memory stays bounded.
+MAX_CHUNKS_PER_CALL = 256
+_STD_EPS = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """An encoder ready for the HEAR API: a linen module, its parameters and the frame layout."""
+  module: nn.Module
+  params: Any
+  frame_layout: str
+  sample_rate: int = SAMPLE_RATE
+
+  @property
+  def chunk_frames(self) -> int:
+    return int(self.module.config.input_shape[0])
+
+  @property
+  def frames_per_chunk(self) -> int:
+    return self.chunk_frames // int(self.module.config.patch_size[0])
+
+  @property
+  def scene_embedding_size(self) -> int:
+    return self.timestamp_embedding_size
+
+  @property
+  def timestamp_embedding_size(self) -> int:
+    config = self.module.config
+    mel_patches = int(config.input_shape[1]) // int(config.patch_size[1])
+    return mel_patches * int(config.width)
+
+  @functools.cached_property
+  def _encode_chunks(self):
+    """Jitted (chunks, time, mel) -> (chunks, frames, features)."""
+    def encode(params, chunks):
+      out = self.module.apply({"params": params}, chunks, method=self.module.encode,
+                              frame_layout=self.frame_layout)
+      return out["frames"].astype(jnp.float32)
+    return jax.jit(encode)
+
+
+def from_variables(model_config: ml_collections.ConfigDict, variables: Any,
+                   frame_layout: str = "time_major") -> Model:
+  """A HEAR `Model` from a model config and variables (e.g. from `original.load`)."""
+  if frame_layout not in FRAME_LAYOUTS:
+    raise ValueError(f"frame_layout must be one of {FRAME_LAYOUTS}, got {frame_layout!r}")
+  module = models.build_model(model_config)
+  params = variables["params"] if "params" in variables else variables
+  return Model(module=module, params=models.unbox(params), frame_layout=frame_layout)
+
+
+def load_model(model_file_path: str = "", frame_layout: str = "time_major",
+               step: int | None = None) -> Model:
+  """Restores the latest (or `step`) checkpoint of a workdir and its recorded config.
+
+  `model_file_path` is a pretraining workdir (`main.py --workdir`) or a directory written by
+  `audiomaepp.tools.import_original`.
+  """
+  if not model_file_path:
+    raise ValueError("load_model needs a workdir: pass the directory written by main.py or "
+                     "audiomaepp.tools.import_original")
+  config = checkpointing.load_config(model_file_path)
+  module = models.build_model(config.model)
+  abstract = models.abstract_params(module)
+  params = checkpointing.restore_params(model_file_path, abstract, step=step)
+  return from_variables(config.model, {"params": params}, frame_layout)
+
+
+def _check_audio(audio: Any) -> jnp.ndarray:
+  if audio.ndim != 2:
+    raise ValueError(f"audio must be (n_sounds, n_samples) of 16 kHz mono; got shape {audio.shape}")
+  if audio.shape[1] == 0:
+    raise ValueError("audio has zero samples per clip")
+  audio = jnp.asarray(audio, jnp.float32)
+  finite = np.asarray(jnp.all(jnp.isfinite(audio), axis=1))
+  if not finite.all():
+    bad = np.flatnonzero(~finite).tolist()
+    raise ValueError(f"audio of sounds {bad} contains NaN or infinite samples")
+  return audio
+
+
+@jax.jit
+def _standardised_log_mel(audio: jnp.ndarray) -> jnp.ndarray:
+  """(n_sounds, samples) -> (n_sounds, frames, mel), standardised per clip (unbiased std)."""
+  spectrogram = audio_lib.log_mel_jax(audio)
+  mean = spectrogram.mean(axis=(1, 2), keepdims=True)
+  std = spectrogram.std(axis=(1, 2), keepdims=True, ddof=1)
+  return (spectrogram - mean) / (std + _STD_EPS)
+
+
+def _bucket(n: int) -> int:
+  """The chunk-batch size compiled for `n` chunks: the next power of two, capped."""
+  return min(MAX_CHUNKS_PER_CALL, 1 << max(0, (n - 1).bit_length()))
+
+
+def _frame_embeddings(audio: Any, model: Model) -> Tuple[jnp.ndarray, int]:
+  """(n_sounds, n_frames, features) for real (unpadded) frames and the number of frames."""
+  audio = _check_audio(audio)
+  spectrogram = _standardised_log_mel(audio)
+  n_sounds, n_time, n_mel = spectrogram.shape
+  chunk = model.chunk_frames
+  n_chunks = -(-n_time // chunk)
+  pad = n_chunks * chunk - n_time
+  spectrogram = jnp.pad(spectrogram, ((0, 0), (0, pad), (0, 0)))
+  chunks = spectrogram.reshape(n_sounds * n_chunks, chunk, n_mel)
+
+  outputs = []
+  for start in range(0, chunks.shape[0], MAX_CHUNKS_PER_CALL):
+    piece = chunks[start:start + MAX_CHUNKS_PER_CALL]
+    size = _bucket(piece.shape[0])
+    padded = jnp.pad(piece, ((0, size - piece.shape[0]), (0, 0), (0, 0)))
+    outputs.append(model._encode_chunks(model.params, padded)[:piece.shape[0]])
+  frames = jnp.concatenate(outputs).reshape(n_sounds, n_chunks * model.frames_per_chunk, -1)
+  patch_time = chunk // model.frames_per_chunk
+  n_frames = frames.shape[1] - (pad // patch_time)
+  return frames[:, :n_frames], n_frames
+
+
+def get_timestamp_embeddings(audio: Any, model: Model) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  """Per-frame embeddings (n_sounds, n_frames, 5·width) and their times in ms (n_sounds, n_frames)."""
+  frames, n_frames = _frame_embeddings(audio, model)
+  duration_s = audio.shape[1] / model.sample_rate
+  times = jnp.arange(n_frames, dtype=jnp.float32) * (duration_s / n_frames) * 1000.0
+  return frames, jnp.broadcast_to(times, frames.shape[:2])
+
+
+def get_scene_embeddings(audio: Any, model: Model) -> jnp.ndarray:
+  """Clip embeddings (n_sounds, 5·width): the mean of the frame embeddings over time."""
+  frames, _ = _frame_embeddings(audio, model)
+  return frames.mean(axis=1)

@@ -1,0 +1,96 @@
+"""HEAR API: parity with the original runtime, shapes and timestamps, bad input, restore."""
+import jax
+import numpy as np
+import pytest
+
+from audiomaepp import hear_api
+from audiomaepp import original
+from audiomaepp.tools import import_original
+
+CLIPS = ("chirp_3p7s", "exact_2s", "sweep_10s_with_silence")
+
+
+@pytest.fixture(scope="module")
+def hear_fixture(fixtures_dir):
+  return dict(np.load(fixtures_dir / "maepp_micro_hear.npz"))
+
+
+@pytest.fixture(scope="module")
+def micro(fixtures_dir):
+  return original.load(fixtures_dir / "maepp_micro_weights.npz",
+                       fixtures_dir / "maepp_micro_config.json")
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+def test_original_layout_matches_original_runtime(micro, hear_fixture, clip):
+  model = hear_api.from_variables(*micro, frame_layout="original")
+  audio = hear_fixture[f"audio__{clip}"][None]
+  frames, times = hear_api.get_timestamp_embeddings(audio, model)
+  scene = hear_api.get_scene_embeddings(audio, model)
+  np.testing.assert_allclose(frames, hear_fixture[f"timestamp_embeddings__{clip}"], atol=1e-4)
+  np.testing.assert_allclose(times, hear_fixture[f"timestamps_ms__{clip}"], atol=1e-3)
+  np.testing.assert_allclose(scene, hear_fixture[f"scene__{clip}"], atol=1e-4)
+
+
+def test_time_major_layout_regroups_the_same_tokens(micro, hear_fixture):
+  """Both layouts hold the same tokens; only which tokens form a frame differs (SPEC §6)."""
+  audio = hear_fixture["audio__exact_2s"][None, :32000 - 160]  # 200 frames: exactly one chunk
+  correct, _ = hear_api.get_timestamp_embeddings(audio, hear_api.from_variables(*micro))
+  quirk, _ = hear_api.get_timestamp_embeddings(
+      audio, hear_api.from_variables(*micro, frame_layout="original"))
+  width = 64
+  tokens = np.asarray(correct).reshape(50, 5, width).reshape(250, width)  # time-major order
+  regrouped = tokens.reshape(5, 50, width).transpose(1, 0, 2).reshape(50, 5 * width)
+  np.testing.assert_allclose(quirk[0], regrouped, atol=1e-5)
+
+
+@pytest.mark.parametrize("seconds,frames", [(0.5, 13), (2.0, 51), (3.7, 93), (10.0, 251)])
+def test_shapes_and_timestamps(micro, seconds, frames):
+  model = hear_api.from_variables(*micro)
+  audio = np.random.default_rng(0).normal(size=(3, int(seconds * 16000))).astype(np.float32)
+  embeddings, times = hear_api.get_timestamp_embeddings(audio, model)
+  assert model.timestamp_embedding_size == model.scene_embedding_size == 5 * 64
+  assert embeddings.shape == (3, frames, 320)
+  assert times.shape == (3, frames)
+  # Frames are evenly spaced over the clip: 1 + samples // 160 log-mel frames, 4 per token.
+  np.testing.assert_allclose(np.diff(times[0]), 1000 * seconds / frames, atol=2e-3)
+  scene = hear_api.get_scene_embeddings(audio, model)
+  np.testing.assert_allclose(scene, np.asarray(embeddings).mean(axis=1), atol=1e-5)
+  assert np.isfinite(scene).all()
+
+
+def test_batch_matches_single_clips(micro):
+  model = hear_api.from_variables(*micro)
+  audio = np.random.default_rng(1).normal(size=(2, 24000)).astype(np.float32)
+  batched = hear_api.get_scene_embeddings(audio, model)
+  for i in range(2):
+    np.testing.assert_allclose(batched[i], hear_api.get_scene_embeddings(audio[i:i + 1], model)[0],
+                               atol=1e-5)
+
+
+def test_silence_gives_finite_embeddings(micro):
+  scene = hear_api.get_scene_embeddings(np.zeros((1, 16000), np.float32),
+                                        hear_api.from_variables(*micro))
+  assert np.isfinite(scene).all()
+
+
+@pytest.mark.parametrize("audio,message", [
+    (np.zeros(16000, np.float32), "n_sounds, n_samples"),
+    (np.zeros((1, 0), np.float32), "zero samples"),
+    (np.array([[0.0, np.nan] * 800, [0.0] * 1600], np.float32), r"sounds \[0\].*NaN"),
+])
+def test_bad_audio_is_named(micro, audio, message):
+  with pytest.raises(ValueError, match=message):
+    hear_api.get_scene_embeddings(audio, hear_api.from_variables(*micro))
+
+
+def test_imported_checkpoint_restores(fixtures_dir, hear_fixture, tmp_path):
+  workdir = str(tmp_path / "imported")
+  import_original.import_checkpoint(str(fixtures_dir / "maepp_micro_weights.npz"), workdir,
+                                    original_args=str(fixtures_dir / "maepp_micro_config.json"))
+  model = hear_api.load_model(workdir, frame_layout="original")
+  scene = hear_api.get_scene_embeddings(hear_fixture["audio__chirp_3p7s"][None], model)
+  np.testing.assert_allclose(scene, hear_fixture["scene__chirp_3p7s"], atol=1e-4)
+  with pytest.raises(FileExistsError, match="already holds checkpoints"):
+    import_original.import_checkpoint(str(fixtures_dir / "maepp_micro_weights.npz"), workdir,
+                                      original_args=str(fixtures_dir / "maepp_micro_config.json"))
