@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from audiomaepp import checkpointing
 from audiomaepp.models import layers
 from audiomaepp.models import mae
 from audiomaepp.models.config import ModelConfig, resolve_model_config
@@ -301,3 +302,21 @@ def load(weights: Union[Mapping[str, Any], str, os.PathLike],
     logging.info("original checkpoint: norm3 of each transformer++ block is loaded but unused "
                  "(swiglu_norm='shared', as in the original)")
   return model_config, {"params": params}
+
+
+def import_to_workdir(weights: str, output_dir: str,
+                      config: ml_collections.ConfigDict | None = None,
+                      original_args: str | dict | None = None) -> ml_collections.ConfigDict:
+  """Converts `weights` and writes config.json and a step-0 params checkpoint into `output_dir`."""
+  if (config is None) == (original_args is None):
+    raise ValueError("pass exactly one of config or original_args")
+  if os.path.exists(os.path.join(output_dir, checkpointing.CHECKPOINT_DIR)):
+    raise FileExistsError(f"{output_dir} already holds checkpoints; choose an empty directory")
+  if config is None:
+    config = common.base_config()
+    config.model, variables = load(weights, original_args)
+  else:
+    _, variables = load(weights, original_args_from_config(config.model))
+  checkpointing.save_params(output_dir, variables["params"], step=0)
+  checkpointing.save_config(output_dir, config)
+  return config

@@ -5,7 +5,6 @@ import pytest
 
 from audiomaepp import hear_api
 from audiomaepp import original
-from audiomaepp.tools import import_original
 
 CLIPS = ("chirp_3p7s", "exact_2s", "sweep_10s_with_silence")
 
@@ -86,11 +85,11 @@ def test_bad_audio_is_named(micro, audio, message):
 
 def test_imported_checkpoint_restores(fixtures_dir, hear_fixture, tmp_path):
   workdir = str(tmp_path / "imported")
-  import_original.import_checkpoint(str(fixtures_dir / "maepp_micro_weights.npz"), workdir,
+  original.import_to_workdir(str(fixtures_dir / "maepp_micro_weights.npz"), workdir,
                                     original_args=str(fixtures_dir / "maepp_micro_config.json"))
   model = hear_api.load_model(workdir, frame_layout="original")
   scene = hear_api.get_scene_embeddings(hear_fixture["audio__chirp_3p7s"][None], model)
   np.testing.assert_allclose(scene, hear_fixture["scene__chirp_3p7s"], atol=1e-4)
   with pytest.raises(FileExistsError, match="already holds checkpoints"):
-    import_original.import_checkpoint(str(fixtures_dir / "maepp_micro_weights.npz"), workdir,
+    original.import_to_workdir(str(fixtures_dir / "maepp_micro_weights.npz"), workdir,
                                       original_args=str(fixtures_dir / "maepp_micro_config.json"))

@@ -67,7 +67,7 @@ def embed_task(task_dir: str, model: hear_api.Model, output_dir: str,
                batch_seconds: float = 640.0) -> str:
   """Embeds every split of one HEAR task folder into `output_dir/<task>`; returns that folder."""
   task = tasks_lib.read_hear_task(task_dir)
-  name = task.metadata["task_name"]
+  name = task.name
   if tasks_lib.has_task_embeddings(output_dir, name):
     logging.info("%s: embeddings already complete, skipped", name)
     return os.path.join(output_dir, name)

@@ -10,17 +10,12 @@ With --original_args (the original builder's keyword arguments, as in the fixtur
 model. DIR then holds `config.json` and an Orbax checkpoint (step 0) with the parameters, the same
 layout `main.py` writes, so `audiomaepp.hear_api.load_model(DIR)` and `tools.embed` read it.
 """
-import os
-
 from absl import app
 from absl import flags
 from absl import logging
-import ml_collections
 from ml_collections import config_flags
 
-from audiomaepp import checkpointing
 from audiomaepp import original
-from configs import common
 
 _WEIGHTS = flags.DEFINE_string("weights", None, "Original .pth (needs PyTorch) or .npz file.")
 _ORIGINAL_ARGS = flags.DEFINE_string("original_args", None,
@@ -29,32 +24,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config nam
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory to write the workdir into.")
 
 
-def import_checkpoint(weights: str, output_dir: str,
-                      config: ml_collections.ConfigDict | None = None,
-                      original_args: str | dict | None = None) -> ml_collections.ConfigDict:
-  """Converts `weights` and writes config.json and a step-0 params checkpoint into `output_dir`."""
-  if (config is None) == (original_args is None):
-    raise ValueError("pass exactly one of config or original_args")
-  if os.path.exists(os.path.join(output_dir, checkpointing.CHECKPOINT_DIR)):
-    raise FileExistsError(f"{output_dir} already holds checkpoints; choose an empty directory")
-  if config is None:
-    config = common.base_config()
-    config.model, variables = original.load(weights, original_args)
-  else:
-    _, variables = original.load(weights, original.original_args_from_config(config.model))
-  checkpointing.save_params(output_dir, variables["params"], step=0)
-  checkpointing.save_config(output_dir, config)
-  return config
-
-
 def main(argv):
   del argv
   if not _WEIGHTS.value or not _OUTPUT_DIR.value:
     raise app.UsageError("--weights and --output_dir are required")
   if (_CONFIG.value is None) == (_ORIGINAL_ARGS.value is None):
     raise app.UsageError("pass exactly one of --config or --original_args")
-  config = import_checkpoint(_WEIGHTS.value, _OUTPUT_DIR.value, config=_CONFIG.value,
-                             original_args=_ORIGINAL_ARGS.value)
+  config = original.import_to_workdir(_WEIGHTS.value, _OUTPUT_DIR.value, config=_CONFIG.value,
+                                      original_args=_ORIGINAL_ARGS.value)
   logging.info("imported %s", _WEIGHTS.value)
   print(f"wrote {_OUTPUT_DIR.value} (model size {config.model.size}, width "
         f"{config.model.width}); restore it with audiomaepp.hear_api.load_model")
