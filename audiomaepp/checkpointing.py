@@ -2,22 +2,36 @@
 
 A workdir (from pretraining, or from `tools.import_original`) holds:
   config.json            the resolved experiment config (the experiment record)
-  checkpoints/<step>/    Orbax CheckpointManager steps; item `params` holds the model parameters
-                         (other items, such as optimiser state and the data iterator, may sit beside)
+  checkpoints/<step>/    Orbax CheckpointManager steps; item `params` holds the model parameters;
+                         pretraining adds `train_state` (step and optimiser state) and `data_iter`
+                         (the Grain iterator state of each host)
+  checkpoints_skipped/   damaged steps moved aside by `restore_with_fallback`
+
+Saves are atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete), so a
+process killed mid-save leaves the previous steps intact; the temporary directory is removed the
+next time a training manager opens the workdir.
 """
+import dataclasses
 import json
 import os
 from typing import Any, Optional
 
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 import audiomaepp
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+SKIPPED_DIR = "checkpoints_skipped"
 PARAMS_ITEM = "params"
+TRAIN_STATE_ITEM = "train_state"
+DATA_ITER_ITEM = "data_iter"
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> str:
@@ -79,3 +93,107 @@ def restore_params(workdir: str, abstract_params: Any, step: Optional[int] = Non
     restored = manager.restore(
         step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
   return restored[PARAMS_ITEM]
+
+
+def training_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  """The manager used by pretraining: keeps the last `keep` steps, saves asynchronously and
+  removes temporary directories left by a killed save."""
+  return checkpoint_manager(workdir, max_to_keep=keep, enable_async_checkpointing=async_save,
+                            cleanup_tmp_directories=True, create=True)
+
+
+def save_train_state(manager: ocp.CheckpointManager, step: int, params: Any, train_state: Any,
+                     data_iter: Any = None) -> None:
+  """Starts saving `params`, `train_state` and (if given) the Grain iterator as step `step`.
+
+  Returns once device arrays are copied to host; writing continues in the background (see
+  `manager.wait_until_finished`). Errors of the background write surface there.
+  """
+  items = {PARAMS_ITEM: ocp.args.StandardSave(params),
+           TRAIN_STATE_ITEM: ocp.args.StandardSave(train_state)}
+  if data_iter is not None:
+    items[DATA_ITER_ITEM] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+class _IteratorSnapshot:
+  """The iterator's state taken now. Orbax runs Grain's handler on its own threads; should it
+  ever do so after `save` returns, the live iterator would have moved on. The snapshot pins the
+  saved position. Its state is bytes (JSON for dataset iterators, as the handler writes them)."""
+
+  def __init__(self, iterator: Any):
+    state = iterator.get_state()
+    self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+def discard_failed_save(manager: ocp.CheckpointManager, step: int) -> None:
+  """Removes the temporary directory of a save that failed, so it does not hold disk space."""
+  if jax.process_index() != 0:
+    return
+  for path in epath.Path(manager.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+    path.rmtree(missing_ok=True)
+
+
+@dataclasses.dataclass
+class Restored:
+  """A restored training checkpoint and the newer steps that could not be read."""
+  step: int
+  params: Any
+  train_state: Any
+  skipped: list[tuple[int, str]]
+
+
+def restore_with_fallback(manager: ocp.CheckpointManager, abstract_params: Any,
+                          abstract_train_state: Any, data_iter: Any = None) -> Optional[Restored]:
+  """Restores the newest step that reads back completely; None when there is no checkpoint.
+
+  Abstract trees are `jax.ShapeDtypeStruct`s with shardings. `data_iter` (a Grain iterator) is
+  restored in place when given. Steps that fail to restore (truncated or deleted files, missing
+  items) are logged with the reason and moved to `checkpoints_skipped/` so later saves can reuse
+  their step numbers. Raises RuntimeError when checkpoints exist but none is readable.
+  """
+  skipped = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    items = {PARAMS_ITEM: ocp.args.StandardRestore(abstract_params),
+             TRAIN_STATE_ITEM: ocp.args.StandardRestore(abstract_train_state)}
+    if data_iter is not None:
+      items[DATA_ITER_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+      logging.warning("checkpoint step %d cannot be restored, skipping it (%s)", step, reason)
+      skipped.append((step, reason))
+      continue
+    if skipped:
+      _move_aside(manager, [s for s, _ in skipped])
+      logging.warning("restored step %d after skipping damaged steps %s", step,
+                      [s for s, _ in skipped])
+    return Restored(step, restored[PARAMS_ITEM], restored[TRAIN_STATE_ITEM], skipped)
+  if skipped:
+    raise RuntimeError(
+        f"no checkpoint under {manager.directory} can be restored ("
+        + "; ".join(f"step {s}: {r}" for s, r in skipped)
+        + "); move the directory away to start from scratch")
+  return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Moves damaged steps to `checkpoints_skipped/` (kept for inspection, never deleted)."""
+  directory = epath.Path(manager.directory)
+  if jax.process_index() == 0:
+    target = directory.parent / SKIPPED_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      destination = target / str(step)
+      suffix = 1
+      while destination.exists():
+        destination, suffix = target / f"{step}.{suffix}", suffix + 1
+      (directory / str(step)).rename(destination)
+      logging.warning("moved damaged checkpoint step %d to %s", step, destination)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("audiomaepp_checkpoint_move_aside")
+  manager.reload()

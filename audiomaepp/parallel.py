@@ -1,0 +1,122 @@
+"""Device mesh, logical-axis shardings and multi-host helpers.
+
+One `jax.sharding.Mesh` with axes ('data', 'fsdp') spans every device of every host. The batch is
+split over both axes; parameters carry logical axis names ('embed', 'mlp', 'heads', 'kv') that the
+config's `logical_axis_rules` map to mesh axes, so data parallel and FSDP differ only in config.
+"""
+import os
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXIS = "batch"
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) sizes from the config, where -1 takes the devices left over."""
+  data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
+  if data == -1 and fsdp == -1:
+    raise ValueError("config.mesh: at most one of mesh.data and mesh.fsdp may be -1")
+  if data == -1 or fsdp == -1:
+    known = fsdp if data == -1 else data
+    if known <= 0 or num_devices % known:
+      raise ValueError(f"config.mesh: {known} does not divide the {num_devices} devices")
+    data, fsdp = (num_devices // known, fsdp) if data == -1 else (data, num_devices // known)
+  if data * fsdp != num_devices:
+    raise ValueError(f"config.mesh: data {data} x fsdp {fsdp} != {num_devices} devices")
+  return data, fsdp
+
+
+def create_mesh(mesh_config: ml_collections.ConfigDict,
+                devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """The ('data', 'fsdp') mesh over `devices` (default: all devices of all hosts)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (AssertionError, NotImplementedError, ValueError):
+    # Topology-aware placement only knows some device kinds; a plain reshape is always valid.
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def axis_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """The logical-axis rules in effect: the config's, with parameter axes unmapped unless
+  `shard_params` is set (then parameters are replicated and only the batch is split)."""
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                for name, axes in config.logical_axis_rules)
+  if config.shard_params:
+    return rules
+  return tuple((name, axes if name == BATCH_AXIS else None) for name, axes in rules)
+
+
+def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """Drops the mesh axes of dimensions they do not divide (such arrays stay replicated there)."""
+  dims = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    dims.append(axes if size > 1 and dim % size == 0 else None)
+  return PartitionSpec(*dims)
+
+
+def param_shardings(abstract_variables: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+  """NamedShardings for (possibly `nn.Partitioned`-boxed) variables, as an unboxed tree.
+
+  Logical names map to mesh axes by `rules`; a dimension a mesh axis does not divide evenly is
+  replicated instead (e.g. a 64-wide output layer on an 8-way FSDP axis).
+  """
+  specs = nn.get_partition_spec(abstract_variables)
+  mesh_specs = jax.tree.map(lambda s: nn.logical_to_mesh_axes(tuple(s), rules), specs,
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
+  shapes = nn.meta.unbox(abstract_variables)
+  return jax.tree.map(
+      lambda spec, x: NamedSharding(mesh, _divisible_spec(spec, x.shape, mesh)),
+      mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The sharding of a global batch: leading axis split over ('data', 'fsdp')."""
+  return NamedSharding(mesh, PartitionSpec(MESH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A fully replicated sharding on `mesh`."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def cluster_detected() -> bool:
+  """Whether the environment describes several processes (SLURM, multi-host TPU VM, explicit)."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if int(os.environ.get("SLURM_NTASKS", os.environ.get("SLURM_STEP_NUM_TASKS", "1"))) > 1:
+    return True
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, force: bool = False) -> bool:
+  """Calls `jax.distributed.initialize` when running as several processes; returns whether it did.
+
+  Explicit arguments win; otherwise JAX detects the cluster (SLURM, TPU VM pods, ...) itself.
+  `force` initialises even when the environment shows no cluster (TPU VM pods, whose workers
+  JAX finds through the metadata server). A single process without cluster variables is left
+  alone (no coordinator needed).
+  """
+  explicit = coordinator_address is not None or (num_processes or 1) > 1
+  if not (force or explicit or cluster_detected()):
+    return False
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())
+  return True

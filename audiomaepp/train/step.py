@@ -1,0 +1,94 @@
+"""The train state and the pure train / eval steps (jitted with shardings by the loop)."""
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from audiomaepp import models
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything that changes during training. Parameters and optimiser state are float32."""
+  step: jax.Array  # () int32: train steps done (micro-batches, with gradient accumulation)
+  params: Any
+  opt_state: Any
+
+  def checkpoint_items(self) -> tuple[Any, dict[str, Any]]:
+    """(params, the rest) as stored in the checkpoint items `params` and `train_state`."""
+    return self.params, {"step": self.step, "opt_state": self.opt_state}
+
+  @classmethod
+  def from_checkpoint_items(cls, params: Any, train_state: dict[str, Any]) -> "TrainState":
+    """Inverse of `checkpoint_items`."""
+    return cls(step=train_state["step"], params=params, opt_state=train_state["opt_state"])
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                       input_shape: tuple[int, int]) -> TrainState:
+  """Initialises parameters (unboxed from their logical-axis metadata) and optimiser state."""
+  params_rng, masking_rng = jax.random.split(rng)
+  variables = model.init({"params": params_rng, "masking": masking_rng},
+                         jnp.zeros((1, *input_shape), jnp.float32))
+  params = nn.meta.unbox(variables["params"])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
+               model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step (or one accumulation micro-step) on `batch['spectrogram']`.
+
+  Args:
+    state: the train state.
+    batch: 'spectrogram' (batch, time, mel) float32.
+    rng: the run's base key; the masks of this step use fold_in(rng, state.step), so a resumed
+      run draws exactly the masks the uninterrupted one would.
+    model: the masked autoencoder (compute dtype from its config; its loss is float32).
+    tx: the optimiser from `optim.create_optimizer`.
+    schedule: its learning-rate schedule (for reporting).
+    grad_accum_steps: micro-steps per optimiser update (the optimiser is wrapped in MultiSteps).
+
+  Returns:
+    The new state and scalar metrics: loss, grad_norm (of this micro-batch's gradients) and
+    lr (of the update this step contributes to).
+  """
+  masking_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    out = model.apply({"params": params}, batch["spectrogram"], rngs={"masking": masking_rng})
+    return out["loss"].astype(jnp.float32)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+             "lr": jnp.asarray(schedule(state.step // grad_accum_steps), jnp.float32)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *,
+              model: nn.Module) -> dict[str, jax.Array]:
+  """Masked-patch loss of `batch` with masks from `rng`, plus the first example's reconstruction.
+
+  Returns loss (), and for example 0: spectrogram (time, mel), reconstruction (time, mel) in
+  input units (de-normalised when norm_pix_loss), pixel_mask (time, mel) with 1 on removed
+  patches.
+  """
+  config = model.config
+  out = model.apply({"params": params}, batch["spectrogram"], rngs={"masking": rng})
+  pred = out["pred"][:1].astype(jnp.float32)
+  patches = models.patchify(batch["spectrogram"][:1], config.patch_size)
+  if config.norm_pix_loss:
+    mean = patches.mean(axis=-1, keepdims=True)
+    var = patches.var(axis=-1, keepdims=True)
+    pred = pred * jnp.sqrt(var + 1e-6) + mean
+  pixel_mask = jnp.broadcast_to(out["mask"][:1, :, None], pred.shape)
+  to_image = lambda p: models.unpatchify(p, config.patch_size, config.grid)[0]
+  return {"loss": out["loss"].astype(jnp.float32),
+          "spectrogram": batch["spectrogram"][0],
+          "reconstruction": to_image(pred),
+          "pixel_mask": to_image(pixel_mask)}
+
