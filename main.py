@@ -33,7 +33,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _quiet_orbax(record: py_logging.LogRecord) -> bool:
-  """Keeps Orbax's warnings and errors but not its per-save chatter (dozens of lines a save)."""
+  """Keeps Orbax's warnings and errors but not its per-save chatter (dozens of lines a save),
+  nor asyncio's tracebacks, at exit, of the write tasks of a failed save (reported already)."""
+  if record.name == "asyncio" and "/orbax/" in record.getMessage():
+    return False
   return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 

@@ -130,6 +130,14 @@ def _frame_embeddings(audio: Any, model: Model) -> Tuple[jnp.ndarray, int]:
   """(n_sounds, n_frames, features) for real (unpadded) frames and the number of frames."""
   audio = _check_audio(audio)
   spectrogram = _standardised_log_mel(audio)
+  # Finite samples can still overflow the float32 power spectrum (e.g. 1e20 from corrupt float
+  # data); their embeddings would be NaN.
+  finite = np.asarray(jnp.all(jnp.isfinite(spectrogram), axis=(1, 2)))
+  if not finite.all():
+    bad = np.flatnonzero(~finite).tolist()
+    peak = float(jnp.max(jnp.abs(audio[np.asarray(bad)])))
+    raise ValueError(f"audio of sounds {bad} has samples of magnitude {peak:.3g}, which overflow "
+                     "the float32 log-mel; expected 16 kHz waveforms in [-1, 1]")
   n_sounds, n_time, n_mel = spectrogram.shape
   chunk = model.chunk_frames
   n_chunks = -(-n_time // chunk)

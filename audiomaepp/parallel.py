@@ -48,8 +48,8 @@ def create_mesh(mesh_config: ml_collections.ConfigDict,
 
 
 def axis_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
-  """The logical-axis rules in effect: the config's, with parameter axes unmapped unless
-  `shard_params` is set (then parameters are replicated and only the batch is split)."""
+  """The logical-axis rules in effect: the config's when `shard_params` is set; otherwise
+  parameter axes map to no mesh axis (parameters replicated) and only the batch is split."""
   rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                 for name, axes in config.logical_axis_rules)
   if config.shard_params:

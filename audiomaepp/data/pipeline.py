@@ -15,7 +15,11 @@ is checkpointable with Orbax (`grain.checkpoint.CheckpointSave`; `audiomaepp.che
 it as the item 'data_iter').
 """
 import math
+from multiprocessing import resource_tracker
+from multiprocessing import util as mp_util
 import os
+import subprocess
+import threading
 from typing import Any, Optional
 
 import grain
@@ -133,6 +137,36 @@ class _EvalCrop(grain.transforms.Map):
     return _example(record, crop(spectrogram, self._crop_frames), self._classes)
 
 
+_tracker_lock = threading.Lock()
+_tracker_process: Optional[subprocess.Popen] = None
+
+
+def _start_resource_tracker_in_own_session() -> None:
+  """Starts multiprocessing's resource tracker in a session of its own (once per process).
+
+  Grain workers hand batches over in POSIX shared memory (and semaphores) registered with this
+  tracker, which unlinks whatever is left once every process using it has died. Started the
+  default way it joins the trainer's process group, so killing the group (the way to stop a run
+  with workers, which outlive a killed parent) killed it too and left the segments in /dev/shm
+  for good. In its own session it outlives such a kill, cleans up and exits.
+  """
+  def spawn_in_new_session(path, args, passfds):
+    global _tracker_process
+    _tracker_process = subprocess.Popen(args, executable=path, pass_fds=passfds,
+                                        start_new_session=True)
+    return _tracker_process.pid
+
+  with _tracker_lock:
+    if _tracker_process is not None:
+      return
+    spawn = mp_util.spawnv_passfds
+    mp_util.spawnv_passfds = spawn_in_new_session  # what ensure_running launches it with
+    try:
+      resource_tracker.ensure_running()
+    finally:
+      mp_util.spawnv_passfds = spawn
+
+
 def create_dataset(data_config: ml_collections.ConfigDict, *, split: str, batch_size: int,
                    seed: int, train: bool, num_epochs: Optional[int] = None,
                    shard_index: Optional[int] = None, shard_count: Optional[int] = None,
@@ -162,6 +196,8 @@ def create_dataset(data_config: ml_collections.ConfigDict, *, split: str, batch_
       shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=False),
       shuffle=train, num_epochs=num_epochs, seed=seed)
   crop_op = (_TrainCrop if train else _EvalCrop)(data_config.crop_frames, classes)
+  if data_config.num_workers > 0:
+    _start_resource_tracker_in_own_session()
   return grain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[crop_op, grain.transforms.Batch(

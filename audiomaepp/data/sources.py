@@ -203,6 +203,13 @@ def encode_clip(clip: Clip, min_duration_s: float = DEFAULT_MIN_DURATION_S) -> E
     parts.append(stream.finish().astype(np.float16))
   except (audio.AudioError, ValueError) as e:
     return Encoded(clip, reason=str(e).replace(clip.path + ": ", ""))
-  example = {"spectrogram": np.concatenate(parts), "id": clip.id,
+  spectrogram = np.concatenate(parts)
+  if not np.isfinite(spectrogram).all():
+    # Finite samples can still overflow the float32 power spectrum (corrupt float files hold
+    # values like 1e20); such a record would turn the training loss into NaN.
+    peak = max(float(np.abs(block).max()) for block in audio.iter_audio(clip.path))
+    return Encoded(clip, reason=f"non-finite log-mel: samples of magnitude {peak:.3g} overflow "
+                                "the float32 power spectrum (expected audio in [-1, 1])")
+  example = {"spectrogram": spectrogram, "id": clip.id,
              "duration": np.float32(duration_s), "labels": list(clip.labels)}
   return Encoded(clip, example=example, conversions=conversions)

@@ -9,7 +9,9 @@
   * a non-finite loss or gradient norm stops the run before it is checkpointed, so the latest
     checkpoint stays the last good one;
   * a failed checkpoint write (disk full, ...) is reported and its partial files removed; the
-    previous checkpoint stays restorable.
+    previous checkpoint stays restorable;
+  * resuming with another `data.num_workers` (on which the saved iterator state depends) is
+    refused before anything is restored.
 """
 import dataclasses
 import functools
@@ -109,6 +111,22 @@ def _check_data(data_config: ml_collections.ConfigDict) -> None:
     pipeline.dataset_path(data_config)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from None
+
+
+def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """A workdir with checkpoints resumes only with the Grain worker count they were saved with:
+  the iterator state depends on it (restoring it otherwise fails, and would read as damage)."""
+  checkpoint_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+  steps = ([n for n in os.listdir(checkpoint_dir) if n.isdigit()]
+           if os.path.isdir(checkpoint_dir) else [])
+  if not steps or not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+    return
+  recorded = checkpointing.load_config(workdir).data.num_workers
+  if recorded != config.data.num_workers:
+    raise ConfigError(
+        f"config.data.num_workers={config.data.num_workers} differs from {recorded}, the value "
+        f"the checkpoints in {workdir} were saved with (the data iterator state depends on it): "
+        f"resume with --config.data.num_workers={recorded}, or use a new workdir")
 
 
 def _record_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -242,9 +260,12 @@ class _Checkpointer:
     self.manager.close()
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 400) -> str:
+  """The error's first line, shortened in the middle: its cause ('No space left on device',
+  'File too large') comes at the end, after long paths."""
   text = str(error).strip()
-  return text.splitlines()[0][:300] if text else ""
+  line = text.splitlines()[0] if text else ""
+  return line if len(line) <= limit else f"{line[:limit // 2]} ... {line[-limit // 2:]}"
 
 
 def _check_finite(records: list[dict[str, float]], first_step: int,
@@ -309,6 +330,7 @@ def _evaluate(config: ml_collections.ConfigDict, eval_fn: Any, params: Any, step
 def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   """Pretrains (or resumes) `config` in `workdir`; see the module docstring for guarantees."""
   model_config = validate_config(config)
+  _check_resumable(workdir, config)
   is_main = jax.process_index() == 0
   if is_main:
     _record_config(workdir, config)
@@ -333,9 +355,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, sh)
   abstract_params, abstract_rest = abstract_state.checkpoint_items()
   params_sh, rest_sh = shardings.checkpoint_items()
-  restored = checkpointing.restore_with_fallback(
-      checkpointer.manager, with_shardings(abstract_params, params_sh),
-      with_shardings(abstract_rest, rest_sh), train_iter)
+  try:
+    restored = checkpointing.restore_with_fallback(
+        checkpointer.manager, with_shardings(abstract_params, params_sh),
+        with_shardings(abstract_rest, rest_sh), train_iter)
+  except RuntimeError as e:  # checkpoints exist, but none can be read
+    raise TrainingError(str(e)) from None
   if restored is None:
     state, start_step = init_train_state(model, tx, shardings, init_rng), 0
   else:

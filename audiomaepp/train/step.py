@@ -32,7 +32,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
   params_rng, masking_rng = jax.random.split(rng)
   variables = model.init({"params": params_rng, "masking": masking_rng},
                          jnp.zeros((1, *input_shape), jnp.float32))
-  params = nn.meta.unbox(variables["params"])
+  params = models.unbox(variables["params"])
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
