@@ -14,6 +14,7 @@ next time a training manager opens the workdir.
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Optional
 
 import grain
@@ -129,12 +130,24 @@ class _IteratorSnapshot:
     return self._state
 
 
-def discard_failed_save(manager: ocp.CheckpointManager, step: int) -> None:
-  """Removes the temporary directory of a save that failed, so it does not hold disk space."""
+def discard_failed_save(manager: ocp.CheckpointManager, step: int, attempts: int = 10) -> None:
+  """Removes the temporary directory of a save that failed, so it does not hold disk space.
+
+  Writes of the failed save that were still in flight can land while it is being removed; it is
+  retried, and what remains after `attempts` is left to the next start (which removes it).
+  """
   if jax.process_index() != 0:
     return
   for path in epath.Path(manager.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
-    path.rmtree(missing_ok=True)
+    for attempt in range(attempts):
+      try:
+        path.rmtree(missing_ok=True)
+        break
+      except OSError as e:
+        if attempt == attempts - 1:
+          logging.warning("could not remove %s of the failed save yet (%s); the next start "
+                          "removes it", path, e)
+        time.sleep(0.2)
 
 
 @dataclasses.dataclass

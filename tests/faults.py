@@ -126,8 +126,8 @@ def shm_entries() -> set[str]:
 
 
 def unreferenced_shm(names: set[str]) -> set[str]:
-  """The entries of `names` still in /dev/shm that no live process maps or holds open: leaked
-  (whoever could have unlinked them is gone)."""
+  """The entries of `names` still in /dev/shm that no live process maps or holds open. Leaked,
+  unless in flight between two processes of a live job (a name in a queue): check again later."""
   remaining = {n for n in names if os.path.exists(f"/dev/shm/{n}")}
   if not remaining:
     return set()
