@@ -105,6 +105,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if (_CONFIG.value is None) == (_WORKDIR.value is None):
     raise app.UsageError("pass exactly one of --config=configs/NAME.py and --workdir=DIR")
+  if _WORKDIR.value and _DTYPE.value:
+    raise app.UsageError("--dtype applies to --config models; a workdir keeps its recorded dtype")
   try:
     clip_counts = [int(c) for c in _CLIPS.value]
   except ValueError:

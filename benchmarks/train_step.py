@@ -22,9 +22,10 @@ memory XLA plans for the step (`memory_analysis()`: arguments + temporaries + no
 `--max_batch` reports the largest per-device batch that fits: an estimate from the planned memory
 (linear in the batch, fitted over the compiled sizes) against the device's allocator limit (GPU,
 TPU) or `--memory_gb` (CPU: an estimate for that budget), then, on accelerators only, measured by
-running it (and one granule more) and catching out-of-memory errors.
-`--breakdown_batch=N` also times the loss alone and value_and_grad alone at that batch, so the
-optimiser's share of the step is visible. `--steps=0` only compiles (FLOPs and planned memory).
+running it, then one granule more at a time until one fails (stepping down if it fails).
+`--breakdown_batch=N` also times, at that batch, the loss, value_and_grad and the AdamW update each
+alone next to the full step (interleaved windows), so the optimiser's share is visible.
+`--steps=0` only compiles (FLOPs and planned memory).
 """
 import dataclasses
 import math
@@ -39,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from ml_collections import config_flags
 
 import common
@@ -63,9 +65,9 @@ _MEASURE_PEAK = flags.DEFINE_bool("measure_peak", False, "Also time a square mat
                                   "compute dtype; it is the MFU reference where no peak is known.")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 0, "Matmul size for --measure_peak "
                                     "(0: 8192 on accelerators, 2048 on CPU).")
-_BREAKDOWN_BATCH = flags.DEFINE_integer("breakdown_batch", 0, "Also time the loss and "
-                                        "value_and_grad alone at this per-device batch (one of "
-                                        "--batch_size; 0: off).")
+_BREAKDOWN_BATCH = flags.DEFINE_integer("breakdown_batch", 0, "Also time the loss, "
+                                        "value_and_grad and the optimiser update alone at this "
+                                        "per-device batch (one of --batch_size; 0: off).")
 _MAX_BATCH = flags.DEFINE_bool("max_batch", False, "Report the largest per-device batch that fits.")
 _MEMORY_GB = flags.DEFINE_float("memory_gb", 78.0, "Device memory in GiB for the --max_batch "
                                 "estimate where the device reports none (CPU; 78: an H100).")
@@ -236,25 +238,50 @@ def measure(bench: Bench, per_device_batch: int, peak: dict[str, Any]) -> dict[s
 
 
 def breakdown(bench: Bench, per_device_batch: int) -> dict[str, float]:
-  """Seconds of the masked-autoencoder loss alone and with its gradient (no optimiser), next to
-  the full step's, at one per-device batch."""
+  """Seconds per step of the full train step and of its parts alone at one per-device batch.
+
+  Parts: the loss (forward), value_and_grad (forward and backward, gradients written out) and the
+  AdamW update with its parameter update (on fixed gradients). They are timed in interleaved
+  windows so that a change in the load of a shared machine affects all of them alike.
+  """
   global_batch = per_device_batch * jax.device_count()
   batches = device_batches(bench, global_batch)
-  model = bench.model
+  train_fn, _ = compile_step(bench, global_batch)
+  model, tx = bench.model, bench.tx
 
   def loss_fn(params, batch, rng):
     out = model.apply({"params": params}, batch["spectrogram"], rngs={"masking": rng})
     return out["loss"].astype(jnp.float32)
 
-  timings = {}
-  for name, fn in (("loss_s", loss_fn), ("loss_and_grad_s", jax.value_and_grad(loss_fn))):
-    jitted = jax.jit(fn)
+  def without_state(fn):
     # The params stand in for the state: the same arguments every step, nothing donated.
-    run = lambda params, batch, rng, f=jitted: (params, _as_metrics(f(params, batch, rng)))
-    _, per_step, _ = run_windows(run, bench.state.params, batches, bench.rng,
-                                 warmup=_WARMUP.value, steps=_STEPS.value, windows=_WINDOWS.value)
-    timings[name] = statistics.median(per_step)
-  return timings
+    jitted = jax.jit(fn)
+    return lambda params, batch, rng: (params, _as_metrics(jitted(params, batch, rng)))
+
+  def optimiser_update(state, grads, rng):
+    del rng
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(params=params, opt_state=opt_state), {"loss": jnp.zeros(())}
+
+  grads = [jax.tree.map(lambda p: jnp.full_like(p, 1e-3), bench.state.params)]
+  # name: (step function, its inputs, whether it carries (and donates) the train state)
+  parts = {"step_s": (train_fn, batches, True),
+           "loss_s": (without_state(loss_fn), batches, False),
+           "loss_and_grad_s": (without_state(jax.value_and_grad(loss_fn)), batches, False),
+           "optimiser_s": (jax.jit(optimiser_update, donate_argnums=0), grads, True)}
+  per_step = {name: [] for name in parts}
+  for window in range(_WINDOWS.value + 1):  # the first round is the warm-up (and compiles)
+    for name, (fn, inputs, carries_state) in parts.items():
+      carried = bench.state if carries_state else bench.state.params
+      carried, seconds, _ = run_windows(fn, carried, inputs, bench.rng, warmup=0,
+                                        steps=_STEPS.value if window else max(1, _WARMUP.value),
+                                        windows=1)
+      if carries_state:
+        bench.state = carried
+      if window:
+        per_step[name].extend(seconds)
+  return {name: statistics.median(seconds) for name, seconds in per_step.items()}
 
 
 def _as_metrics(out: Any) -> dict[str, jax.Array]:
@@ -394,8 +421,7 @@ def main(argv):
     full = next(r for r in results if r["per_device_batch"] == _BREAKDOWN_BATCH.value)
     if "step_s" in full:
       record["breakdown"] = {"per_device_batch": full["per_device_batch"],
-                             **breakdown(bench, full["per_device_batch"]),
-                             "step_s": full["step_s"]}
+                             **breakdown(bench, full["per_device_batch"])}
   if _MAX_BATCH.value:
     record["max_batch"] = max_batch(bench, planned)
   print(report(record))
@@ -414,9 +440,10 @@ def report(record: dict[str, Any]) -> str:
   if "breakdown" in record:
     b = record["breakdown"]
     lines.append(
-        f"breakdown at batch {b['per_device_batch']}/device: loss {1e3 * b['loss_s']:.1f} ms, "
-        f"loss+grad {1e3 * b['loss_and_grad_s']:.1f} ms, full step {1e3 * b['step_s']:.1f} ms "
-        f"(optimiser and the rest: {1e3 * (b['step_s'] - b['loss_and_grad_s']):.1f} ms)")
+        f"breakdown at batch {b['per_device_batch']}/device (each part alone): full step "
+        f"{1e3 * b['step_s']:.1f} ms, loss {1e3 * b['loss_s']:.1f} ms, loss+grad "
+        f"{1e3 * b['loss_and_grad_s']:.1f} ms, AdamW update {1e3 * b['optimiser_s']:.1f} ms "
+        f"({b['optimiser_s'] / b['step_s']:.1%} of the step)")
   if "max_batch" in record:
     mb = record["max_batch"]
     if env["platform"] == "cpu":
