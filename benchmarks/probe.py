@@ -18,10 +18,9 @@ import time
 from absl import app
 from absl import flags
 import jax
-import librosa
 import numpy as np
-import soundfile
 
+from audiomaepp import audio
 from audiomaepp.evaluation import probe
 from audiomaepp.evaluation import scores
 from audiomaepp.evaluation import tasks
@@ -37,11 +36,7 @@ _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write the numbers 
 
 def logmel_segment_means(path: pathlib.Path, segments: int) -> np.ndarray:
   """(segments * 80,) means of the clip's log-mel over equal time segments."""
-  audio, sr = soundfile.read(path, dtype="float32")
-  mel = librosa.feature.melspectrogram(
-      y=audio, sr=sr, n_fft=400, hop_length=160, n_mels=80, fmin=50, fmax=8000, htk=True,
-      norm=None, pad_mode="reflect")
-  logmel = np.log(mel + np.finfo(np.float32).eps).T
+  logmel = audio.log_mel(audio.load_audio(path))
   return np.concatenate([s.mean(0) for s in np.array_split(logmel, segments)])
 
 

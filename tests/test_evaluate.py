@@ -3,12 +3,11 @@ import json
 import subprocess
 import sys
 
-import librosa
 import numpy as np
 import pytest
 import scipy.stats
-import soundfile
 
+from audiomaepp import audio
 from audiomaepp.evaluation import report
 from audiomaepp.evaluation import scores
 from audiomaepp.evaluation import tasks
@@ -19,11 +18,7 @@ BO = "beijing_opera-v1.0-hear2021-full"  # a HEAR name, so the paper's BO column
 
 def _logmel_segment_means(path, segments=4):
   """A simple real embedding: means of the SPEC log-mel over `segments` time segments."""
-  audio, sr = soundfile.read(path, dtype="float32")
-  mel = librosa.feature.melspectrogram(
-      y=audio, sr=sr, n_fft=400, hop_length=160, n_mels=80, fmin=50, fmax=8000, htk=True,
-      norm=None, pad_mode="reflect")
-  logmel = np.log(mel + np.finfo(np.float32).eps).T
+  logmel = audio.log_mel(audio.load_audio(path))
   return np.concatenate([s.mean(0) for s in np.array_split(logmel, segments)])
 
 
