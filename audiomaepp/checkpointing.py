@@ -97,10 +97,18 @@ def restore_params(workdir: str, abstract_params: Any, step: Optional[int] = Non
 
 
 def training_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-  """The manager used by pretraining: keeps the last `keep` steps, saves asynchronously and
-  removes temporary directories left by a killed save."""
+  """The manager used by pretraining: keeps the last `keep` steps and saves asynchronously.
+
+  Partial saves left by a killed or failed run are removed first, before it returns (Orbax's own
+  `cleanup_tmp_directories` runs in the background and is not awaited by `close`).
+  """
+  directory = epath.Path(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)))
+  if jax.process_index() == 0 and directory.exists():
+    for path in _temporary_paths(directory):
+      logging.info("removing %s, a save that did not complete", path)
+      _remove(path)
   return checkpoint_manager(workdir, max_to_keep=keep, enable_async_checkpointing=async_save,
-                            cleanup_tmp_directories=True, create=True)
+                            create=True)
 
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, params: Any, train_state: Any,
@@ -130,24 +138,33 @@ class _IteratorSnapshot:
     return self._state
 
 
-def discard_failed_save(manager: ocp.CheckpointManager, step: int, attempts: int = 10) -> None:
+def discard_failed_save(manager: ocp.CheckpointManager, step: int) -> None:
   """Removes the temporary directory of a save that failed, so it does not hold disk space.
 
-  Writes of the failed save that were still in flight can land while it is being removed; it is
-  retried, and what remains after `attempts` is left to the next start (which removes it).
+  Writes of the failed save that were still in flight can land while it is being removed; what
+  remains is removed by the next start (`training_manager`).
   """
   if jax.process_index() != 0:
     return
-  for path in epath.Path(manager.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
-    for attempt in range(attempts):
-      try:
-        path.rmtree(missing_ok=True)
-        break
-      except OSError as e:
-        if attempt == attempts - 1:
-          logging.warning("could not remove %s of the failed save yet (%s); the next start "
-                          "removes it", path, e)
-        time.sleep(0.2)
+  for path in _temporary_paths(epath.Path(manager.directory), step):
+    _remove(path)
+
+
+def _temporary_paths(directory: epath.Path, step: Optional[int] = None) -> list[epath.Path]:
+  """Orbax's temporary directories of unfinished saves (of `step`, or of any step)."""
+  return sorted(directory.glob(f"{'*' if step is None else step}.orbax-checkpoint-tmp*"))
+
+
+def _remove(path: epath.Path, attempts: int = 10) -> None:
+  """Removes a directory tree, retrying while in-flight writes add files to it."""
+  for attempt in range(attempts):
+    try:
+      path.rmtree(missing_ok=True)
+      return
+    except OSError as e:
+      if attempt == attempts - 1:
+        logging.warning("could not remove %s yet (%s); the next start removes it", path, e)
+      time.sleep(0.2)
 
 
 @dataclasses.dataclass

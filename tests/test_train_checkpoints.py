@@ -152,3 +152,36 @@ def test_failed_write_is_reported_and_previous_step_stays(tmp_path, monkeypatch)
   restored, _ = _restore(workdir, state.checkpoint_items()[1])
   assert restored.step == 3 and int(restored.train_state["opt_state"]["count"]) == 7
   np.testing.assert_array_equal(restored.params["dense"]["kernel"], _params(3)["dense"]["kernel"])
+
+
+def test_next_start_removes_partial_saves_before_returning(tmp_path):
+  """What in-flight writes of a failed or killed save left is gone once the manager exists."""
+  workdir = str(tmp_path)
+  checkpointer = loop._Checkpointer(workdir, keep=2)
+  state = loop.step_lib.TrainState(step=jnp.int32(3), params=_params(3),
+                                   opt_state={"count": jnp.int32(7)})
+  assert checkpointer.save(3, state, _iterator()) is None
+  checkpointer.close()
+  partial = tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp" / "params"
+  partial.mkdir(parents=True)
+  (partial / "chunk").write_bytes(b"half")
+  checkpointing.training_manager(workdir, keep=2).close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+
+
+@pytest.mark.parametrize("error, cause", [
+    # TensorStore names the OS error only by its code, at the end of a long line.
+    (ValueError("OUT_OF_RANGE: Error opening \"zarr\" driver: Error writing \"params/d/0\" "
+                + "x" * 600 + " [os_error_code='27']"), "File too large"),
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/ckpt/params"), "No space left on device"),
+    (RuntimeError("write failed [os_error_code=28]"), "No space left on device"),
+])
+def test_failed_write_message_names_the_os_cause_first(error, cause):
+  message = loop.describe_error(error)
+  assert message.startswith(f"{type(error).__name__}: ")
+  assert message.count(cause) == 1 and message.index(cause) < 60, message
+  assert len(message) < 500
+
+
+def test_failed_write_message_without_an_os_cause_is_the_first_line():
+  assert loop.describe_error(KeyError("params")) == "KeyError: 'params'"

@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import threading
 from typing import Any, Optional
@@ -231,8 +232,8 @@ class _Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       if step is not None:
         checkpointing.discard_failed_save(self.manager, step)
-      message = (f"checkpoint save at step {step} failed ({type(e).__name__}: "
-                 f"{_first_line(e)}); latest complete checkpoint: {self.latest_step()}")
+      message = (f"checkpoint save at step {step} failed ({describe_error(e)}); "
+                 f"latest complete checkpoint: {self.latest_step()}")
       logging.error(message)
       return message
     return None
@@ -245,7 +246,7 @@ class _Checkpointer:
       checkpointing.save_train_state(self.manager, step, params, rest, data_iter)
     except Exception as e:  # pylint: disable=broad-except
       checkpointing.discard_failed_save(self.manager, step)
-      error = (f"checkpoint save at step {step} failed ({type(e).__name__}: {_first_line(e)}); "
+      error = (f"checkpoint save at step {step} failed ({describe_error(e)}); "
                f"latest complete checkpoint: {self.latest_step()}")
       logging.error(error)
       return error
@@ -260,12 +261,26 @@ class _Checkpointer:
     self.manager.close()
 
 
-def _first_line(error: BaseException, limit: int = 400) -> str:
-  """The error's first line, shortened in the middle: its cause ('No space left on device',
-  'File too large') comes at the end, after long paths."""
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def describe_error(error: BaseException, limit: int = 400) -> str:
+  """'<type>: <cause>: <first line>' for a failed write.
+
+  The cause ('No space left on device', 'File too large') comes first: TensorStore names it only
+  by its errno (`os_error_code='27'`) at the end of a long line of paths and JSON specs.
+  """
   text = str(error).strip()
   line = text.splitlines()[0] if text else ""
-  return line if len(line) <= limit else f"{line[:limit // 2]} ... {line[-limit // 2:]}"
+  if len(line) > limit:
+    line = f"{line[:limit // 2]} ... {line[-limit // 2:]}"
+  code = getattr(error, "errno", None)
+  if code is None:
+    match = _OS_ERROR_CODE.search(text)
+    code = int(match.group(1)) if match else None
+  cause = os.strerror(code) if code else ""
+  prefix = f"{cause}: " if cause and cause not in line else ""
+  return f"{type(error).__name__}: {prefix}{line}"
 
 
 def _check_finite(records: list[dict[str, float]], first_step: int,
