@@ -5,6 +5,8 @@ Parses flags, joins the other hosts when there are several (jax.distributed), an
 Exit status: 0 done, 1 error (one line on stderr), 143 stopped by SIGTERM after a checkpoint.
 """
 import logging as py_logging
+import os
+import sys
 
 from absl import app
 from absl import flags
@@ -49,7 +51,10 @@ def main(argv):
   try:
     result = train.run(_CONFIG.value, _WORKDIR.value)
   except train.TrainingError as e:
-    raise SystemExit(f"error: {e}") from None
+    # One write that starts on a line of its own: threads of a failed save may still be printing.
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), f"\nerror: {e}\n".encode())
+    raise SystemExit(1) from None
   if result.preempted:
     raise SystemExit(PREEMPTED_EXIT_CODE)
 
