@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := espeak-ng fluidsynth fluid-soundfont-gm
 WORKDIR ?= workdirs/demo
 
-.PHONY: setup demo test test-all
+.PHONY: setup demo test test-slow test-all
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow" tests
