@@ -15,11 +15,7 @@ is checkpointable with Orbax (`grain.checkpoint.CheckpointSave`; `audiomaepp.che
 it as the item 'data_iter').
 """
 import math
-from multiprocessing import resource_tracker
-from multiprocessing import util as mp_util
 import os
-import subprocess
-import threading
 from typing import Any, Optional
 
 import grain
@@ -30,6 +26,12 @@ import tensorflow_datasets as tfds
 
 from audiomaepp.audio import features
 from audiomaepp.data import synthetic
+from audiomaepp.data import worker_memory
+
+# Grain workers import this module (to unpickle the operations below, or with the main module):
+# new shared-memory segments are registered with the resource tracker before they exist, in
+# every process (see worker_memory; where no segment is created this changes nothing).
+worker_memory.register_names_before_creation()
 
 _PREPARE_HINT = ("build shards with `python -m audiomaepp.tools.prepare_dataset "
                  "--audio_dir=AUDIO --output_dir=DIR` and set config.data.data_dir=DIR, or use "
@@ -137,36 +139,6 @@ class _EvalCrop(grain.transforms.Map):
     return _example(record, crop(spectrogram, self._crop_frames), self._classes)
 
 
-_tracker_lock = threading.Lock()
-_tracker_process: Optional[subprocess.Popen] = None
-
-
-def _start_resource_tracker_in_own_session() -> None:
-  """Starts multiprocessing's resource tracker in a session of its own (once per process).
-
-  Grain workers hand batches over in POSIX shared memory (and semaphores) registered with this
-  tracker, which unlinks whatever is left once every process using it has died. Started the
-  default way it joins the trainer's process group, so killing the group (the way to stop a run
-  with workers, which outlive a killed parent) killed it too and left the segments in /dev/shm
-  for good. In its own session it outlives such a kill, cleans up and exits.
-  """
-  def spawn_in_new_session(path, args, passfds):
-    global _tracker_process
-    _tracker_process = subprocess.Popen(args, executable=path, pass_fds=passfds,
-                                        start_new_session=True)
-    return _tracker_process.pid
-
-  with _tracker_lock:
-    if _tracker_process is not None:
-      return
-    spawn = mp_util.spawnv_passfds
-    mp_util.spawnv_passfds = spawn_in_new_session  # what ensure_running launches it with
-    try:
-      resource_tracker.ensure_running()
-    finally:
-      mp_util.spawnv_passfds = spawn
-
-
 def create_dataset(data_config: ml_collections.ConfigDict, *, split: str, batch_size: int,
                    seed: int, train: bool, num_epochs: Optional[int] = None,
                    shard_index: Optional[int] = None, shard_count: Optional[int] = None,
@@ -197,7 +169,7 @@ def create_dataset(data_config: ml_collections.ConfigDict, *, split: str, batch_
       shuffle=train, num_epochs=num_epochs, seed=seed)
   crop_op = (_TrainCrop if train else _EvalCrop)(data_config.crop_frames, classes)
   if data_config.num_workers > 0:
-    _start_resource_tracker_in_own_session()
+    worker_memory.protect()
   return grain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[crop_op, grain.transforms.Batch(
