@@ -23,6 +23,14 @@ def _hand_lr(update, peak, warmup, total, min_lr):
   return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _optimizer(**overrides):
+  """(schedule, optimiser) of Tiny at batch 256 over 10 steps without warm-up (peak 1.5e-4)."""
+  config = common.base_config("tiny")
+  config.update(batch_size=256, warmup_epochs=0, num_train_steps=10, **overrides)
+  schedule = optim.learning_rate_schedule(config, 2560, 10)
+  return schedule, optim.create_optimizer(config, schedule)
+
+
 def test_base_config_peak_learning_rate_is_spec():
   # SPEC §5: 1.5e-4 x 1024 / 256 = 6e-4, times the accumulation steps.
   config = base_config.get_config()
@@ -82,10 +90,7 @@ def test_decay_mask_matches_original_rule_on_tiny_model(fixtures_dir):
 
 def test_adamw_decays_only_masked_leaves():
   """With zero gradients AdamW's update is -lr * wd * param on decayed leaves and 0 elsewhere."""
-  config = common.base_config("tiny")
-  config.update(batch_size=256, warmup_epochs=0, num_train_steps=10, weight_decay=0.05)
-  schedule = optim.learning_rate_schedule(config, 2560, 10)
-  tx = optim.create_optimizer(config, schedule)
+  _, tx = _optimizer(weight_decay=0.05)
   params = {"dense": {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0)},
             "norm": {"scale": jnp.full((4,), 2.0)}, "cls_token": jnp.full((1, 1, 4), 2.0)}
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
@@ -98,11 +103,7 @@ def test_adamw_decays_only_masked_leaves():
 
 def test_gradient_accumulation_applies_the_mean():
   """MultiSteps: no update on the first micro-step, then Adam on the mean of the two gradients."""
-  config = common.base_config("tiny")
-  config.update(batch_size=256, warmup_epochs=0, num_train_steps=10, weight_decay=0.0,
-                grad_accum_steps=2)
-  schedule = optim.learning_rate_schedule(config, 2560, 10)
-  tx = optim.create_optimizer(config, schedule)
+  schedule, tx = _optimizer(weight_decay=0.0, grad_accum_steps=2)
   params = {"w": jnp.zeros((2, 2))}
   state = tx.init(params)
   g1, g2 = jnp.array([[1.0, -2.0], [3.0, 0.5]]), jnp.array([[3.0, 2.0], [-1.0, 0.5]])
@@ -116,11 +117,7 @@ def test_gradient_accumulation_applies_the_mean():
 
 def test_gradient_clipping_by_global_norm():
   """With clipping, Adam sees g * min(1, c / |g|) (computed here by hand) at every step."""
-  config = common.base_config("tiny")
-  config.update(batch_size=256, warmup_epochs=0, num_train_steps=10, weight_decay=0.0,
-                grad_clip_norm=1.0)
-  schedule = optim.learning_rate_schedule(config, 2560, 10)
-  tx = optim.create_optimizer(config, schedule)
+  schedule, tx = _optimizer(weight_decay=0.0, grad_clip_norm=1.0)
   reference = optax.adam(schedule, b1=0.9, b2=0.95)
   params = {"w": jnp.zeros((3,))}
   state, ref_state = tx.init(params), reference.init(params)
