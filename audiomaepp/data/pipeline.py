@@ -169,7 +169,7 @@ def create_dataset(data_config: ml_collections.ConfigDict, *, split: str, batch_
       shuffle=train, num_epochs=num_epochs, seed=seed)
   crop_op = (_TrainCrop if train else _EvalCrop)(data_config.crop_frames, classes)
   if data_config.num_workers > 0:
-    worker_memory.protect()
+    worker_memory.start_tracker_in_own_session()
   return grain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[crop_op, grain.transforms.Batch(

@@ -10,9 +10,10 @@ parent, so the group is what must be killed) leave segments in /dev/shm for good
   (ftruncate, mmap and the tracker's lock lie between): a worker killed there leaves a segment
   nobody knows about (2 in 25 random kills of a 2-worker pipeline, measured).
 
-`protect()` closes both: it starts the tracker in a session of its own, and makes new segment
-names registered before the segment exists (a name registered but never created costs a
-warning when the tracker exits, nothing else).
+`start_tracker_in_own_session()` (in the trainer, before workers start) closes the first;
+`register_names_before_creation()` (in every process that creates segments: the trainer and each
+worker) the second, by registering new segment names before the segment exists (a name
+registered but never created costs a warning when the tracker exits, nothing else).
 """
 from multiprocessing import resource_tracker
 from multiprocessing import shared_memory
@@ -26,14 +27,6 @@ _lock = threading.Lock()
 _tracker_process: Optional[subprocess.Popen] = None
 _make_unregistered_name = shared_memory._make_filename  # pylint: disable=protected-access
 _SHM_DIR = "/dev/shm"
-
-
-def protect() -> None:
-  """Call in the trainer before starting Grain workers (idempotent). Workers must call
-  `register_names_before_creation` too: audiomaepp.data.pipeline does at import, which every
-  worker runs before it makes a batch."""
-  register_names_before_creation()
-  _start_resource_tracker_in_own_session()
 
 
 def register_names_before_creation() -> None:
@@ -51,9 +44,9 @@ def _make_registered_name() -> str:
       return name
 
 
-def _start_resource_tracker_in_own_session() -> None:
-  """Starts the resource tracker (once per process) where killing the run's group spares it:
-  it then sees every user of its segments die, unlinks what is left and exits."""
+def start_tracker_in_own_session() -> None:
+  """Starts the resource tracker (once per process; idempotent) where killing the run's group
+  spares it: it then sees every user of its segments die, unlinks what is left and exits."""
   def spawn_in_new_session(path, args, passfds):
     global _tracker_process
     _tracker_process = subprocess.Popen(args, executable=path, pass_fds=passfds,

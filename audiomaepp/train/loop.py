@@ -230,12 +230,7 @@ class _Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      if step is not None:
-        checkpointing.discard_failed_save(self.manager, step)
-      message = (f"checkpoint save at step {step} failed ({describe_error(e)}); "
-                 f"latest complete checkpoint: {self.latest_step()}")
-      logging.error(message)
-      return message
+      return self._failed(step, e)
     return None
 
   def save(self, step: int, state: step_lib.TrainState, data_iter: Any) -> Optional[str]:
@@ -245,13 +240,18 @@ class _Checkpointer:
     try:
       checkpointing.save_train_state(self.manager, step, params, rest, data_iter)
     except Exception as e:  # pylint: disable=broad-except
-      checkpointing.discard_failed_save(self.manager, step)
-      error = (f"checkpoint save at step {step} failed ({describe_error(e)}); "
-               f"latest complete checkpoint: {self.latest_step()}")
-      logging.error(error)
-      return error
+      return self._failed(step, e)
     self._pending = step
     return error
+
+  def _failed(self, step: Optional[int], error: BaseException) -> str:
+    """Removes what the failed save of `step` wrote; logs and returns the report."""
+    if step is not None:
+      checkpointing.discard_failed_save(self.manager, step)
+    message = (f"checkpoint save at step {step} failed ({describe_error(error)}); "
+               f"latest complete checkpoint: {self.latest_step()}")
+    logging.error(message)
+    return message
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
