@@ -5,7 +5,7 @@ setuptools.setup(
     name="audiomaepp",
     version="0.1.0",
     description="AudioMAE++: masked autoencoders with transformer++ blocks for audio, in JAX/Flax.",
-    packages=setuptools.find_packages(include=["audiomaepp", "audiomaepp.*", "configs"]),
+    packages=setuptools.find_packages(include=["audiomaepp", "audiomaepp.*"]),
     package_data={"audiomaepp": ["evaluation/data/*.json"]},
     python_requires=">=3.10",
     install_requires=[

@@ -7,6 +7,7 @@ which are checked against ours rather than loaded. (RoPE frequencies, also fixed
 are loaded: the original uses its stored values.)
 PyTorch is needed only to read `.pth` files (`pip install audiomaepp[torch]`).
 """
+import dataclasses
 import json
 import os
 import pickle
@@ -18,10 +19,10 @@ import ml_collections
 import numpy as np
 
 from audiomaepp import checkpointing
+from audiomaepp import experiment
 from audiomaepp.models import layers
 from audiomaepp.models import mae
-from audiomaepp.models.config import ModelConfig, resolve_model_config
-from configs import common
+from audiomaepp.models.config import ENCODER_SIZES, ModelConfig, resolve_model_config
 
 # How an original tensor becomes ours: 'linear' (PyTorch (out, in) -> (in, out)), 'conv'
 # ((out, in, kt, kf) -> (kt, kf, in, out)), 'copy', or 'fixed' (a sin-cos table we compute).
@@ -142,13 +143,9 @@ def to_state_dict(params: Any, model_config: Any) -> Dict[str, np.ndarray]:
           for key, (path, how) in state_dict_names(c).items()}
 
 
-_ARG_FIELDS = {
-    "img_size": "input_shape", "patch_size": "patch_size", "embed_dim": "width",
-    "depth": "depth", "num_heads": "num_heads", "decoder_embed_dim": "decoder_width",
-    "decoder_depth": "decoder_depth", "decoder_num_heads": "decoder_num_heads",
-    "mlp_ratio": "mlp_ratio", "mask_ratio": "mask_ratio", "masking_mode": "mask_mode",
-    "norm_pix_loss": "norm_pix_loss",
-}
+# Original builder argument -> our field, from the schema's 'original' metadata.
+_ARG_FIELDS = {f.metadata["original"]: f.name for f in dataclasses.fields(ModelConfig)
+               if "original" in f.metadata}
 # Original options this project implements only at one value: name -> required value.
 _ARG_REQUIRED = {"in_chans": 1, "use_cls_token": True, "frequency_first": False,
                  "limit_swiglu_features": False, "additive_swiglu": False}
@@ -162,8 +159,7 @@ def model_config_from_args(original_args: Union[Mapping[str, Any], str, os.PathL
     with open(original_args) as f:
       original_args = json.load(f)
   args = dict(original_args)
-  model = common.model_config()
-  model.size = None
+  model = experiment.model_config(size=None)
   unknown = sorted(set(args) - set(_ARG_FIELDS) - set(_ARG_REQUIRED) - set(_ARG_IGNORED)
                    - {f"{p}_{o}" for p in ("encoder", "decoder")
                       for o in ("plusplus_block", "use_swiglu_final_ffn", "use_rope")})
@@ -186,7 +182,7 @@ def model_config_from_args(original_args: Union[Mapping[str, Any], str, os.PathL
                        "blocks here always end with SwiGLU; vanilla blocks never do)")
     model[f"{part}_block"] = "plusplus" if plusplus else "vit"
     model[f"{part}_rope"] = "sequence" if args.get(f"{part}_use_rope", False) else "none"
-  sizes = {v: k for k, v in common.ENCODER_SIZES.items()}
+  sizes = {v: k for k, v in ENCODER_SIZES.items()}
   size = sizes.get((model.width, model.depth, model.num_heads))
   if size is not None:
     model.size, model.width, model.depth, model.num_heads = size, None, None, None
@@ -313,7 +309,7 @@ def import_to_workdir(weights: str, output_dir: str,
   if os.path.exists(os.path.join(output_dir, checkpointing.CHECKPOINT_DIR)):
     raise FileExistsError(f"{output_dir} already holds checkpoints; choose an empty directory")
   if config is None:
-    config = common.base_config()
+    config = experiment.base_config()
     config.model, variables = load(weights, original_args)
   else:
     _, variables = load(weights, original_args_from_config(config.model))

@@ -17,7 +17,7 @@ from absl import app
 from absl import flags
 
 from audiomaepp.data import pipeline
-from configs import common
+from audiomaepp import experiment
 
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir with audio_logmel shards "
                                 "(default: the synthetic corpus).")
@@ -49,7 +49,7 @@ def samples_per_second(data_config, num_workers: int) -> float:
 
 def main(argv):
   del argv
-  data_config = common.data_config()
+  data_config = experiment.data_config()
   if _DATA_DIR.value:
     data_config.data_dir = _DATA_DIR.value
   else:

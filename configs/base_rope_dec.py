@@ -1,8 +1,8 @@
 """Ablation (paper Table 3): AudioMAE++ Base with RoPE in the decoder only."""
-from configs import common
+from audiomaepp import experiment
 
 
 def get_config():
-  config = common.base_config("base")
+  config = experiment.base_config("base")
   config.model.decoder_rope = "sequence"
   return config

@@ -3,11 +3,11 @@
 Positions follow the original (index in the post-masking sequence); set
 `--config.model.encoder_rope=patch_2d` for true time/frequency patch positions.
 """
-from configs import common
+from audiomaepp import experiment
 
 
 def get_config():
-  config = common.base_config("base")
+  config = experiment.base_config("base")
   config.model.encoder_rope = "sequence"
   config.model.decoder_rope = "sequence"
   return config

@@ -11,15 +11,12 @@ small needs far longer than a few hundred steps to find the visible patches of t
 frequency row: in 300 steps the loss stays on the "predict the clip mean" plateau near 1.0,
 while with 2-D rotary positions it falls to about 0.45.
 """
-from ml_collections import config_dict
-
-from configs import common
+from audiomaepp import experiment
 
 
 def get_config():
-  config = common.base_config(block="plusplus")
+  config = experiment.base_config(size=None)  # no named size: width/depth/heads below
   m = config.model
-  m.size = config_dict.placeholder(str)  # None: width/depth/heads below (typed, so overridable)
   m.width, m.depth, m.num_heads = 128, 2, 4
   m.decoder_width, m.decoder_depth, m.decoder_num_heads = 128, 1, 4
   m.encoder_rope = m.decoder_rope = "patch_2d"

@@ -1,6 +1,6 @@
 """Vanilla MAE Base: standard pre-norm ViT blocks (exact GELU), the paper's MAE baseline."""
-from configs import common
+from audiomaepp import experiment
 
 
 def get_config():
-  return common.base_config("base", block="vit")
+  return experiment.base_config("base", block="vit")

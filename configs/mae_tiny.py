@@ -1,6 +1,6 @@
 """Vanilla MAE Tiny: standard pre-norm ViT blocks (exact GELU), the paper's MAE baseline."""
-from configs import common
+from audiomaepp import experiment
 
 
 def get_config():
-  return common.base_config("tiny", block="vit")
+  return experiment.base_config("tiny", block="vit")

@@ -1,6 +1,6 @@
 """AudioMAE++ Tiny: transformer++ encoder and decoder (paper Table 2)."""
-from configs import common
+from audiomaepp import experiment
 
 
 def get_config():
-  return common.base_config("tiny")
+  return experiment.base_config("tiny")

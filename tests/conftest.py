@@ -5,8 +5,16 @@ import sys
 
 import pytest
 
+from audiomaepp import experiment
+
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 MAKE_SUITE = FIXTURES.parent / "evalsuite" / "make_suite.py"
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def experiment_config(name: str):
+  """`get_config()` of configs/<name>.py, loaded by path as main.py does."""
+  return experiment.load_config(CONFIGS / f"{name}.py")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from audiomaepp import checkpointing
-from configs import tiny
+from conftest import experiment_config
 
 
 def test_params_round_trip_latest_step(tmp_path):
@@ -20,7 +20,7 @@ def test_params_round_trip_latest_step(tmp_path):
 
 
 def test_config_record_round_trip(tmp_path):
-  config = tiny.get_config()
+  config = experiment_config("tiny")
   config.model.decoder_width = 256
   checkpointing.save_config(str(tmp_path), config)
   loaded = checkpointing.load_config(str(tmp_path))

@@ -1,5 +1,4 @@
 """Experiment configs: they resolve to SPEC's models, bad model configs fail clearly."""
-import importlib
 import json
 import pathlib
 import subprocess
@@ -10,11 +9,11 @@ import pytest
 from audiomaepp import checkpointing
 from audiomaepp import models
 from audiomaepp.tools import summary
-from configs import common
+from audiomaepp import experiment
+from conftest import experiment_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted(p.stem for p in (REPO / "configs").glob("*.py")
-                     if p.stem not in ("__init__", "common"))
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 
 # SPEC §3: encoder (width, depth, heads), decoder (width, depth, heads), blocks.
 EXPECTED = {
@@ -36,7 +35,7 @@ PARAMETER_COUNTS = {
 
 
 def _model(name):
-  return importlib.import_module(f"configs.{name}").get_config().model
+  return experiment_config(name).model
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -102,7 +101,7 @@ def test_summary_cli_json():
     ("attention_impl", "flash", "config.model.attention_impl"),
 ])
 def test_invalid_model_config_names_the_field(field, value, match):
-  config = common.model_config("tiny")
+  config = experiment.model_config("tiny")
   config[field] = value
   with pytest.raises(ValueError, match=match):
     models.build_model(config)
@@ -125,7 +124,7 @@ def test_explicit_width_overrides_size():
 
 
 def test_config_round_trips_through_the_workdir_record(tmp_path):
-  config = importlib.import_module("configs.large").get_config()
+  config = experiment_config("large")
   checkpointing.save_config(str(tmp_path), config)
   restored = checkpointing.load_config(str(tmp_path))
   assert (models.resolve_model_config(restored.model)

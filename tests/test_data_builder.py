@@ -11,7 +11,7 @@ from audiomaepp import audio
 from audiomaepp.data import builders
 from audiomaepp.data import pipeline
 from audiomaepp.data import sources
-from configs import common
+from audiomaepp import experiment
 
 
 def _tone(seconds, rate=16000, freq=440.0, channels=1):
@@ -83,7 +83,7 @@ def test_records_hold_full_clip_float16_log_mel(broken_build):
 
 def test_unlabelled_dataset_feeds_the_pipeline_without_labels(broken_build):
   _, dataset_dir, _ = broken_build
-  config = common.data_config()
+  config = experiment.data_config()
   config.data_dir = str(dataset_dir.parents[1])
   batch = next(pipeline.create_iterator(config, split="train", batch_size=2, seed=0, train=True))
   assert sorted(batch) == ["id", "spectrogram"]

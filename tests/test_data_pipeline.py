@@ -12,14 +12,14 @@ import tensorflow_datasets as tfds
 from audiomaepp import checkpointing
 from audiomaepp.data import pipeline
 from audiomaepp.data import synthetic
-from configs import common
+from audiomaepp import experiment
 
 NUM_CLIPS = 60  # every 10th clip is 'eval': 54 train, 6 eval
 
 
 @pytest.fixture(scope="module")
 def data_config(tmp_path_factory):
-  config = common.data_config()
+  config = experiment.data_config()
   config.source = "synthetic"
   config.data_dir = str(tmp_path_factory.mktemp("synthetic"))
   config.synthetic_num_clips = NUM_CLIPS
@@ -170,7 +170,7 @@ def test_make_global_batch_places_the_host_batch_on_the_mesh(data_config):
 
 
 def test_missing_dataset_errors_say_how_to_build_it(data_config, tmp_path):
-  config = common.data_config()
+  config = experiment.data_config()
   with pytest.raises(ValueError, match="data_dir is not set.*prepare_dataset"):
     pipeline.num_examples(config, "train")
   config.data_dir = str(tmp_path)

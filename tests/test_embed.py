@@ -10,7 +10,7 @@ from audiomaepp import checkpointing
 from audiomaepp import hear_api
 from audiomaepp import original
 from audiomaepp.evaluation import tasks
-from configs import common
+from audiomaepp import experiment
 
 
 def _run(*args):
@@ -59,7 +59,7 @@ def test_import_with_an_experiment_config(fixtures_dir, tmp_path):
   """--config route: the original arguments are derived from our model config."""
   with open(fixtures_dir / "maepp_micro_config.json") as f:
     args = json.load(f)
-  config = common.base_config()
+  config = experiment.base_config()
   config.model = original.model_config_from_args(args)
   config.batch_size = 64
   original.import_to_workdir(str(fixtures_dir / "maepp_micro_weights.npz"), str(tmp_path),

@@ -7,8 +7,7 @@ import jax
 import pytest
 
 from audiomaepp import train
-from configs import base as base_config
-from configs import demo as demo_config
+from conftest import experiment_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture
 def config(tmp_path):
   """The demo config pointed at an (empty) TFDS directory, so nothing gets built."""
-  c = demo_config.get_config()
+  c = experiment_config("demo")
   c.data.source = "tfds"
   c.data.data_dir = str(tmp_path)
   return c
@@ -72,7 +71,7 @@ def test_base_config_without_data_fails_fast_with_one_line(tmp_path):
 
 
 def test_base_config_is_the_paper_setup():
-  c = base_config.get_config()
+  c = experiment_config("base")
   assert (c.batch_size, c.num_epochs, c.warmup_epochs, c.b1, c.b2, c.weight_decay) == \
       (1024, 100, 10, 0.9, 0.95, 0.05)
   assert c.base_lr == 1.5e-4 and c.grad_clip_norm == 0.0 and c.min_lr == 0.0

@@ -9,7 +9,7 @@ import pytest
 
 from audiomaepp import models
 from audiomaepp.models import blocks
-from configs import common
+from audiomaepp import experiment
 import micro_models
 
 BATCH = 2
@@ -81,7 +81,7 @@ def test_init_params_logical_axes_and_initialisation():
   assert specs["encoder"]["block_0"]["attn"]["qkv"]["kernel"] == jax.sharding.PartitionSpec(
       "embed", "heads")
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, common.base_config().logical_axis_rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, experiment.base_config().logical_axis_rules)
   assert shardings["encoder"]["block_0"]["swiglu"]["value"]["kernel"].spec == (
       jax.sharding.PartitionSpec("fsdp", None))
 

@@ -10,13 +10,13 @@ import pytest
 from audiomaepp import models
 from audiomaepp import original
 from audiomaepp.models import layers
-from configs import base, large, mae_base, tiny
 import micro_models
+from conftest import experiment_config
 
 FIXTURE_MODELS = ("maepp_micro", "maepp_micro_rope", "mae_micro_vanilla")
 MANIFEST_CONFIGS = {
-    "maepp_tiny_200_16x4": tiny, "maepp_base_200_16x4": base, "maepp_large_200_16x4": large,
-    "mae_base_200_16x4_vanilla": mae_base,
+    "maepp_tiny_200_16x4": "tiny", "maepp_base_200_16x4": "base", "maepp_large_200_16x4": "large",
+    "mae_base_200_16x4_vanilla": "mae_base",
 }
 TOLERANCE = 1e-4
 
@@ -65,14 +65,14 @@ def test_sincos_tables_equal_the_original(fixtures_dir):
 @pytest.mark.parametrize("name", sorted(MANIFEST_CONFIGS))
 def test_full_size_state_dict_manifest(fixtures_dir, name):
   manifest = json.loads((fixtures_dir / "original_state_dict_shapes.json").read_text())[name]
-  model_config = MANIFEST_CONFIGS[name].get_config().model
+  model_config = experiment_config(MANIFEST_CONFIGS[name]).model
   expected = {k: tuple(v) for k, v in manifest.items()}
   assert original.state_dict_shapes(model_config) == expected
 
 
-@pytest.mark.parametrize("module", [tiny, mae_base])
+@pytest.mark.parametrize("module", ["tiny", "mae_base"])
 def test_state_dict_names_cover_every_parameter_once(module):
-  model_config = module.get_config().model
+  model_config = experiment_config(module).model
   targets = [path for path, how in original.state_dict_names(model_config).values()
              if how != "fixed"]
   leaves = jax.tree_util.tree_leaves_with_path(models.param_shapes(model_config))
@@ -135,7 +135,7 @@ def test_original_args_of_tiny_give_the_tiny_config():
               decoder_plusplus_block=True, encoder_use_swiglu_final_ffn=True,
               decoder_use_swiglu_final_ffn=True, encoder_use_rope=False, decoder_use_rope=False)
   ours = models.resolve_model_config(original.model_config_from_args(args))
-  assert ours == models.resolve_model_config(tiny.get_config().model)
+  assert ours == models.resolve_model_config(experiment_config("tiny").model)
 
 
 @pytest.mark.parametrize("change, match", [

@@ -98,10 +98,10 @@ def _parity_losses():
   from audiomaepp import models  # pylint: disable=g-import-not-at-top
   from audiomaepp.data import pipeline  # pylint: disable=g-import-not-at-top
   from audiomaepp.train import loop, optim  # pylint: disable=g-import-not-at-top
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from audiomaepp import experiment  # pylint: disable=g-import-not-at-top
 
   assert jax.device_count() == 8, jax.devices()
-  config = common.base_config("tiny")
+  config = experiment.base_config("tiny")
   config.model.update(width=64, depth=1, num_heads=4, decoder_width=32, decoder_depth=1,
                       decoder_num_heads=4)
   config.update(batch_size=16, num_train_steps=3, warmup_epochs=0, base_lr=1e-2)

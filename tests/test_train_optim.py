@@ -11,8 +11,8 @@ from flax import traverse_util
 
 from audiomaepp import models
 from audiomaepp.train import optim
-from configs import base as base_config
-from configs import common
+from audiomaepp import experiment
+from conftest import experiment_config
 
 
 def _hand_lr(update, peak, warmup, total, min_lr):
@@ -25,7 +25,7 @@ def _hand_lr(update, peak, warmup, total, min_lr):
 
 def _optimizer(**overrides):
   """(schedule, optimiser) of Tiny at batch 256 over 10 steps without warm-up (peak 1.5e-4)."""
-  config = common.base_config("tiny")
+  config = experiment.base_config("tiny")
   config.update(batch_size=256, warmup_epochs=0, num_train_steps=10, **overrides)
   schedule = optim.learning_rate_schedule(config, 2560, 10)
   return schedule, optim.create_optimizer(config, schedule)
@@ -33,7 +33,7 @@ def _optimizer(**overrides):
 
 def test_base_config_peak_learning_rate_is_spec():
   # SPEC §5: 1.5e-4 x 1024 / 256 = 6e-4, times the accumulation steps.
-  config = base_config.get_config()
+  config = experiment_config("base")
   assert optim.peak_learning_rate(config) == pytest.approx(6e-4)
   config.grad_accum_steps = 4
   assert optim.peak_learning_rate(config) == pytest.approx(2.4e-3)
@@ -41,7 +41,7 @@ def test_base_config_peak_learning_rate_is_spec():
 
 @pytest.mark.parametrize("accum,min_lr", [(1, 0.0), (2, 1e-6)])
 def test_schedule_matches_hand_formula(accum, min_lr):
-  config = common.base_config("tiny")
+  config = experiment.base_config("tiny")
   config.update(batch_size=64, num_epochs=10, warmup_epochs=2, grad_accum_steps=accum,
                 min_lr=min_lr)
   num_examples = 64 * 25  # 25 steps per epoch
@@ -57,7 +57,7 @@ def test_schedule_matches_hand_formula(accum, min_lr):
 
 
 def test_num_train_steps_overrides_epochs():
-  config = common.base_config("tiny")
+  config = experiment.base_config("tiny")
   config.update(batch_size=32, num_epochs=100, num_train_steps=7)
   assert optim.total_train_steps(config, 10_000) == 7
   config.num_train_steps = -1
@@ -78,7 +78,7 @@ def test_decay_mask_matches_original_rule_on_tiny_model(fixtures_dir):
   plain_ref = sum(np.prod(v) for k, v in trainable.items()
                   if len(v) < 2 or k.endswith(".bias"))
 
-  params = models.param_shapes(common.model_config("tiny"))
+  params = models.param_shapes(experiment.model_config("tiny"))
   mask = traverse_util.flatten_dict(optim.decay_mask(params))
   flat = traverse_util.flatten_dict(params)
   decayed = sum(np.prod(flat[k].shape) for k, m in mask.items() if m)

@@ -64,11 +64,11 @@ def test_an_existing_name_is_never_registered(tracker_calls, monkeypatch):
 # Iterates the demo pipeline with 2 workers until killed.
 _CHILD = textwrap.dedent("""
     from absl import app
-    from configs import demo
+    from audiomaepp import experiment
     from audiomaepp.data import pipeline
 
     def main(_):
-      config = demo.get_config()
+      config = experiment.load_config("configs/demo.py")
       config.data.num_workers = 2
       iterator = pipeline.create_iterator(config.data, split="train", batch_size=8, seed=0,
                                           train=True)

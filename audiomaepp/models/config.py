@@ -1,15 +1,15 @@
 """The model section of a config, validated and resolved to plain numbers.
 
-`resolve_model_config` turns `config.model` (see configs/common.py:model_config; fields left out
-take those defaults) into a frozen `ModelConfig`, so that a bad config fails with one clear line
-before anything is traced or compiled.
+`ModelConfig` is the single schema of the model section (fields, defaults, meanings, original
+argument names); `resolve_model_config` turns `config.model` (fields left out take the schema's
+defaults) into a frozen, fully resolved `ModelConfig`, so that a bad config fails with one clear
+line before anything is traced or compiled.
 """
 import dataclasses
 from typing import Any, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 
-from configs import common
 
 BLOCKS = ("plusplus", "vit")
 ROPE_MODES = ("none", "sequence", "patch_2d")
@@ -20,31 +20,63 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
+# Encoder sizes (SPEC §3): width, depth, heads.
+ENCODER_SIZES = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "medium": (512, 12, 8),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+
+
+def _field(default: Any, doc: str, original: Optional[str] = None) -> Any:
+  """A schema field: its default, what it means, and the original builder's argument name."""
+  metadata = {"doc": doc}
+  if original:
+    metadata["original"] = original
+  return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Every number of the model, resolved from `config.model` (hashable: a linen attribute)."""
-  size: Optional[str]
-  width: int
-  depth: int
-  num_heads: int
-  decoder_width: int
-  decoder_depth: int
-  decoder_num_heads: int
-  mlp_ratio: float
-  input_shape: Tuple[int, int]  # (time frames, mel bins)
-  patch_size: Tuple[int, int]  # (time, mel)
-  encoder_block: str
-  decoder_block: str
-  swiglu_norm: str
-  encoder_rope: str
-  decoder_rope: str
-  mask_ratio: float
-  mask_mode: str
-  norm_pix_loss: bool
-  frame_layout: str
-  dtype: str
-  remat: bool
-  attention_impl: Optional[str]
+  """The one schema of the model section: every field, its default and meaning.
+
+  `config.model` (a ConfigDict, see `audiomaepp.experiment.model_config`) is derived from these
+  fields; `resolve_model_config` validates it and fills in the size, giving a frozen, hashable
+  instance (a linen attribute). Field metadata 'original' names the original PyTorch builder's
+  keyword argument (`audiomaepp.original`).
+  """
+  size: Optional[str] = _field(
+      "base", "a key of ENCODER_SIZES; width/depth/num_heads override it when set")
+  width: Optional[int] = _field(None, "encoder width (None: from size)", "embed_dim")
+  depth: Optional[int] = _field(None, "encoder blocks (None: from size)", "depth")
+  num_heads: Optional[int] = _field(None, "encoder heads (None: from size)", "num_heads")
+  decoder_width: int = _field(384, "decoder width", "decoder_embed_dim")
+  decoder_depth: int = _field(4, "decoder blocks", "decoder_depth")
+  decoder_num_heads: int = _field(8, "decoder heads", "decoder_num_heads")
+  mlp_ratio: float = _field(4.0, "MLP hidden width / width", "mlp_ratio")
+  input_shape: Tuple[int, int] = _field((200, 80), "(time frames, mel bins)", "img_size")
+  patch_size: Tuple[int, int] = _field((4, 16), "(time, mel)", "patch_size")
+  encoder_block: str = _field("plusplus", "'plusplus' (AudioMAE++) | 'vit' (vanilla MAE)")
+  decoder_block: str = _field("plusplus", "'plusplus' | 'vit'")
+  swiglu_norm: str = _field(
+      "shared", "'shared': the original feeds the SwiGLU from the attention's LayerNorm and never "
+      "uses norm3 (published weights depend on it); 'separate': norm3 normalises the SwiGLU input")
+  encoder_rope: str = _field(
+      "none", "rotary embeddings: 'none' | 'sequence' (original: index in the post-masking "
+      "sequence) | 'patch_2d' (true time and frequency patch positions)")
+  decoder_rope: str = _field("none", "as encoder_rope, for the decoder")
+  mask_ratio: float = _field(0.8, "fraction of patches removed in training", "mask_ratio")
+  mask_mode: str = _field("unstructured", "'unstructured' | 'timestep'", "masking_mode")
+  norm_pix_loss: bool = _field(False, "standardise each target patch", "norm_pix_loss")
+  frame_layout: str = _field(
+      "time_major", "per-frame features from `encode`: 'time_major' (correct) or 'original' (the "
+      "original code's frequency-major regrouping; only to reproduce published numbers)")
+  dtype: str = _field("float32", "compute dtype; parameters are always float32")
+  remat: bool = _field(False, "rematerialise each block in the backward pass")
+  attention_impl: Optional[str] = _field(None, "None (auto) | 'xla' | 'cudnn'")
 
   @property
   def grid(self) -> Tuple[int, int]:
@@ -116,7 +148,7 @@ def resolve_model_config(model_config: Any) -> ModelConfig:
   if isinstance(model_config, ModelConfig):
     return model_config
   given = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
-  fields = common.model_config().to_dict()
+  fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(given) - set(fields))
   if unknown:
     raise ValueError(f"config.model has unknown fields {unknown}; known: {sorted(fields)}")
@@ -126,9 +158,9 @@ def resolve_model_config(model_config: Any) -> ModelConfig:
   explicit = [fields[k] for k in ("width", "depth", "num_heads")]
   if size is None and None in explicit:
     raise ValueError("config.model.size is None: set width, depth and num_heads instead")
-  if size is not None and size not in common.ENCODER_SIZES:
-    raise ValueError(f"config.model.size={size!r}: expected one of {list(common.ENCODER_SIZES)}")
-  defaults = common.ENCODER_SIZES[size] if size is not None else explicit
+  if size is not None and size not in ENCODER_SIZES:
+    raise ValueError(f"config.model.size={size!r}: expected one of {list(ENCODER_SIZES)}")
+  defaults = ENCODER_SIZES[size] if size is not None else explicit
   width, depth, num_heads = (int(d if e is None else e) for e, d in zip(explicit, defaults))
 
   input_shape = _pair(fields, "input_shape")

@@ -1,53 +1,40 @@
-"""Shared pieces of every experiment config: model sizes, data, optimisation, sharding.
+"""Experiment configs: the sections every config file shares, and loading a file by path.
 
-Each file in configs/ is one experiment and returns an ``ml_collections.ConfigDict`` from
-``get_config()``. Fields are documented here once.
+Each file in the repository's `configs/` is one experiment whose `get_config()` returns an
+`ml_collections.ConfigDict` built from `base_config`. Model fields come from the one schema,
+`audiomaepp.models.config.ModelConfig`; data, optimisation and sharding fields are documented
+here once. Config files are loaded by path (`load_config`, or `config_flags` on the command line),
+never imported as a package.
 """
+import dataclasses
+import importlib.util
+import os
+import typing
+from typing import Any, Optional
+
 import ml_collections
 from ml_collections import config_dict
 
-# Encoder sizes (SPEC §3): width, depth, heads.
-ENCODER_SIZES = {
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "medium": (512, 12, 8),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "huge": (1280, 32, 16),
-}
+from audiomaepp.models.config import ModelConfig
 
 
-def model_config(size: str = "base", block: str = "plusplus") -> ml_collections.ConfigDict:
-  """The model section. `block` is 'plusplus' (AudioMAE++) or 'vit' (vanilla MAE)."""
+def _placeholder_type(annotation: Any) -> type:
+  """int for Optional[int], str for Optional[str]: the type a None default is overridable as."""
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  return args[0] if args else annotation
+
+
+def model_config(size: Optional[str] = "base", block: str = "plusplus"
+                 ) -> ml_collections.ConfigDict:
+  """The model section, from `ModelConfig`'s fields and defaults. `block`: 'plusplus' | 'vit'."""
   m = ml_collections.ConfigDict()
-  m.size = size  # a key of ENCODER_SIZES; width/depth/num_heads below override it when set
-  m.width = config_dict.placeholder(int)
-  m.depth = config_dict.placeholder(int)
-  m.num_heads = config_dict.placeholder(int)
-  m.decoder_width = 384
-  m.decoder_depth = 4
-  m.decoder_num_heads = 8
-  m.mlp_ratio = 4.0
-  m.input_shape = (200, 80)  # (time frames, mel bins)
-  m.patch_size = (4, 16)  # (time, mel)
-  m.encoder_block = block  # 'plusplus' | 'vit'
-  m.decoder_block = block
-  # 'shared': the original feeds the SwiGLU from the attention's LayerNorm and never uses norm3
-  # (published weights depend on it); 'separate': norm3 normalises the SwiGLU input.
-  m.swiglu_norm = "shared"
-  # Rotary embeddings: 'none' | 'sequence' (original: index in the post-masking sequence) |
-  # 'patch_2d' (true time and frequency patch positions).
-  m.encoder_rope = "none"
-  m.decoder_rope = "none"
-  m.mask_ratio = 0.8
-  m.mask_mode = "unstructured"  # 'unstructured' | 'timestep'
-  m.norm_pix_loss = False
-  # Per-frame features from `encode`: 'time_major' (correct) or 'original' (the original code's
-  # frequency-major regrouping; needed only to reproduce published numbers).
-  m.frame_layout = "time_major"
-  m.dtype = "float32"  # compute dtype; parameters are always float32
-  m.remat = False  # rematerialise each block in the backward pass
-  m.attention_impl = config_dict.placeholder(str)  # None (auto) | 'xla' | 'cudnn'
+  for field in dataclasses.fields(ModelConfig):
+    if field.default is None:
+      m[field.name] = config_dict.placeholder(_placeholder_type(field.type))
+    else:
+      m[field.name] = field.default
+  m.size = size if size is not None else config_dict.placeholder(str)
+  m.encoder_block = m.decoder_block = block
   return m
 
 
@@ -73,7 +60,8 @@ def data_config() -> ml_collections.ConfigDict:
   return d
 
 
-def base_config(size: str = "base", block: str = "plusplus") -> ml_collections.ConfigDict:
+def base_config(size: Optional[str] = "base", block: str = "plusplus"
+                ) -> ml_collections.ConfigDict:
   """A full pretraining config with the paper's optimisation (SPEC §5)."""
   c = ml_collections.ConfigDict()
   c.model = model_config(size, block)
@@ -116,3 +104,20 @@ def base_config(size: str = "base", block: str = "plusplus") -> ml_collections.C
       ("kv", None),
   )
   return c
+
+
+def load_config(path: str | os.PathLike, arg: Optional[str] = None
+                ) -> ml_collections.ConfigDict:
+  """`get_config()` (or `get_config(arg)`) of the config file at `path`, loaded by path.
+
+  Raises:
+    FileNotFoundError: `path` does not exist.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} not found")
+  name = "audiomaepp_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
