@@ -1,5 +1,7 @@
 """Experiment configs: they resolve to SPEC's models, bad model configs fail clearly."""
+import dataclasses
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -7,9 +9,10 @@ import sys
 import pytest
 
 from audiomaepp import checkpointing
-from audiomaepp import models
-from audiomaepp.tools import summary
 from audiomaepp import experiment
+from audiomaepp import models
+from audiomaepp import original
+from audiomaepp.tools import summary
 from conftest import experiment_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -71,6 +74,45 @@ def test_base_flops_match_spec():
   # SPEC §3: Base ≈ 20 GFLOP forward, ≈ 62 GFLOP per training sample.
   assert 19.5e9 < models.forward_flops_per_sample(_model("base")) < 21.5e9
   assert 60e9 < models.train_flops_per_sample(_model("base")) < 64e9
+
+
+def test_model_section_is_derived_from_the_one_schema():
+  fields = dataclasses.fields(models.ModelConfig)
+  section = experiment.model_config()
+  assert sorted(section) == sorted(f.name for f in fields)
+  resolved = models.resolve_model_config(section)
+  for f in fields:
+    if f.default is not None:
+      assert getattr(resolved, f.name) == f.default, f.name
+  # The original builder's argument names come from the schema's metadata.
+  args = original.original_args_from_config(section)
+  assert args["embed_dim"] == 768 and args["decoder_embed_dim"] == 384
+  assert args["img_size"] == [200, 80] and args["masking_mode"] == "unstructured"
+
+
+def test_no_top_level_configs_package_is_installed(tmp_path):
+  """The package never imports the experiment files, and installs no `configs` package."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  probe = "import importlib.util, audiomaepp.train; print(importlib.util.find_spec('configs'))"
+  done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == "None"
+
+
+def test_config_files_load_beside_another_projects_configs_package(tmp_path):
+  """A foreign `configs` package first on sys.path (the original repository has one) is harmless."""
+  foreign = tmp_path / "configs"
+  foreign.mkdir()
+  (foreign / "__init__.py").write_text("")
+  (foreign / "common.py").write_text("raise ImportError('the wrong configs package')\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+  probe = ("import sys; from audiomaepp import experiment; "
+           "print(experiment.load_config(sys.argv[1]).model.size)")
+  done = subprocess.run([sys.executable, "-c", probe, str(REPO / "configs" / "tiny.py")],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == "tiny"
 
 
 def test_summary_cli_json():
