@@ -201,7 +201,7 @@ def create_dataset(data_config: ml_collections.ConfigDict, *, split: str, batch_
     raise UserError(f"batch size {batch_size} is not a positive multiple of the "
                     f"{shard_count} hosts reading it")
   dataset = examples(data_config, split=split, seed=seed, train=train)
-  dataset = dataset.batch(batch_size // shard_count)[
+  dataset = dataset.batch(batch_size // shard_count, drop_remainder=True)[
       first_batch * shard_count + shard_index::shard_count]
   if num_batches is not None:
     dataset = dataset[:num_batches].repeat(reseed_each_epoch=False)
