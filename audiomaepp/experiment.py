@@ -52,10 +52,10 @@ def data_config() -> ml_collections.ConfigDict:
   d.crop_frames = 200  # equals model.input_shape[0]
   d.num_workers = 0  # Grain worker processes per host (0: in the main process)
   d.prefetch_buffer_size = 2  # batches buffered per Grain worker process
-  # Record reads per process: threads and records read ahead. Grain's defaults (16, 500) cost
-  # more in bookkeeping than they save on local disks; raise them for network file systems.
+  # Per process (the trainer, or each worker): threads that read and crop a host batch each, and
+  # host batches made ahead. Raise them for network file systems.
   d.read_threads = 4
-  d.read_buffer_size = 128
+  d.read_buffer_size = 4
   d.synthetic_num_clips = 512  # size of the built-in corpus when source == 'synthetic'
   return d
 
@@ -88,7 +88,6 @@ def base_config(size: Optional[str] = "base", block: str = "plusplus"
   c.keep_checkpoints = 5
   # Per-device peak FLOP/s for the MFU estimate on devices not in metrics.PEAK_FLOPS (0: unknown).
   c.peak_flops = 0.0
-  c.inject_nan_at_step = -1  # fault-injection tests: that step's batch is replaced by NaN
 
   # Mesh: `data` x `fsdp` devices (-1: all remaining). Parameters are replicated unless
   # `shard_params` is set, in which case the logical rules below shard them over `fsdp`.

@@ -160,6 +160,28 @@ def with_file_size_limit(command: list[str], max_bytes: int) -> list[str]:
   return [sys.executable, "-c", limit, *command[1:]]
 
 
+def main_with_nan_batch(step: int) -> list[str]:
+  """`python main.py` (append its flags) whose training batch of `step` is all NaN on every host,
+  as if the data or a diverging model had produced it."""
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  code = (f"import sys; sys.path.insert(0, {tests_dir!r}); import faults; "
+          f"faults.poison_training_batch({step}); import main; from absl import app; "
+          "app.run(main.main)")
+  return [sys.executable, "-c", code]
+
+
+def poison_training_batch(step: int) -> None:
+  """Wraps the training loop's input so that the batch of `step` is all NaN."""
+  from audiomaepp.train import loop  # pylint: disable=import-outside-toplevel
+  train_input = loop._train_input  # pylint: disable=protected-access
+
+  def poisoned(config, start_step, block):
+    for current, batch in enumerate(train_input(config, start_step, block), start_step + 1):
+      yield {k: np.full_like(v, np.nan) for k, v in batch.items()} if current == step else batch
+
+  loop._train_input = poisoned  # pylint: disable=protected-access
+
+
 def truncate_checkpoint_arrays(step_dir: pathlib.Path) -> list[pathlib.Path]:
   """Cuts every array data file of a checkpoint step to a third (a half-copied checkpoint)."""
   files = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]

@@ -1,15 +1,14 @@
-"""The Grain pipeline on the synthetic corpus: crops, shuffling, host sharding, resumption."""
+"""The Grain pipeline on the synthetic corpus: crops, the global order, host blocks, resumption."""
+import itertools
+import os
 import time
 
 from absl import flags
-import grain
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from audiomaepp import checkpointing
 from audiomaepp.data import pipeline
 from audiomaepp.data import synthetic
 from audiomaepp import experiment
@@ -23,7 +22,7 @@ def data_config(tmp_path_factory):
   config.source = "synthetic"
   config.data_dir = str(tmp_path_factory.mktemp("synthetic"))
   config.synthetic_num_clips = NUM_CLIPS
-  pipeline.dataset_path(config)  # builds the corpus once for the module
+  pipeline.ensure_dataset(config)  # builds the corpus once for the module
   return config
 
 
@@ -32,8 +31,16 @@ def _records(config, split):
   return {r["id"]: r for r in (source[i] for i in range(len(source)))}
 
 
-def _ids(config, **kwargs):
-  return [i for batch in pipeline.create_dataset(config, **kwargs) for i in batch["id"]]
+def _batches(config, count, **kwargs):
+  iterator = pipeline.create_iterator(config, **kwargs)
+  try:
+    return list(itertools.islice(iterator, count))
+  finally:
+    iterator.close()
+
+
+def _ids(config, count, **kwargs):
+  return [i for batch in _batches(config, count, **kwargs) for i in batch["id"]]
 
 
 def test_synthetic_corpus_is_deterministic_and_cached(data_config):
@@ -58,9 +65,10 @@ def test_synthetic_corpus_is_deterministic_and_cached(data_config):
 
 def test_eval_batches_are_standardised_centre_crops(data_config):
   records = _records(data_config, "eval")
-  batches = list(pipeline.create_dataset(data_config, split="eval", batch_size=4, seed=0,
-                                         train=False, num_epochs=1))
-  assert [b["spectrogram"].shape for b in batches] == [(4, 200, 80), (2, 200, 80)]
+  batches = _batches(data_config, 2, split="eval", batch_size=4, seed=0, train=False)
+  assert [b["spectrogram"].shape for b in batches] == [(4, 200, 80), (4, 200, 80)]
+  ids = [i for b in batches for i in b["id"]]
+  assert ids[6:] == ids[:2] and sorted(ids[:6]) == sorted(records)  # in order, repeated
   for batch in batches:
     assert batch["spectrogram"].dtype == np.float32
     for spec, clip_id, labels in zip(batch["spectrogram"], batch["id"], batch["labels"]):
@@ -90,70 +98,71 @@ def test_train_crop_offsets_cover_the_original_range():
 
 
 def test_train_order_is_seeded_and_changes_every_epoch(data_config):
-  kwargs = dict(split="train", batch_size=1, train=True, num_epochs=2)
-  ids = _ids(data_config, seed=0, **kwargs)
+  kwargs = dict(split="train", batch_size=1, train=True)
+  ids = _ids(data_config, 108, seed=0, **kwargs)
   first, second = ids[:54], ids[54:]
   everything = sorted(_records(data_config, "train"))
   assert sorted(first) == sorted(second) == everything
   assert first != second
-  assert ids == _ids(data_config, seed=0, **kwargs)
-  assert ids != _ids(data_config, seed=1, **kwargs)
-
-
-@pytest.mark.parametrize("split,train", [("train", True), ("eval", False)])
-def test_two_hosts_read_disjoint_records_covering_the_split(data_config, split, train):
-  per_host = [_ids(data_config, split=split, batch_size=5, seed=3, train=train, num_epochs=1,
-                   drop_remainder=False, shard_index=i, shard_count=2) for i in range(2)]
-  assert not set(per_host[0]) & set(per_host[1])
-  assert sorted(per_host[0] + per_host[1]) == sorted(_records(data_config, split))
-  assert abs(len(per_host[0]) - len(per_host[1])) <= 1
+  assert ids == _ids(data_config, 108, seed=0, **kwargs)
+  assert ids != _ids(data_config, 108, seed=1, **kwargs)
 
 
 def _assert_same_batches(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    np.testing.assert_array_equal(x["id"], y["id"])
-    np.testing.assert_array_equal(x["spectrogram"], y["spectrogram"])
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
 
 
-def _resume_check(config):
-  kwargs = dict(split="train", batch_size=8, seed=5, train=True)
-  iterator = pipeline.create_iterator(config, **kwargs)
-  for _ in range(4):
-    next(iterator)
-  state = iterator.get_state()
-  expected = [next(iterator) for _ in range(4)]  # crosses the epoch boundary (6 per epoch)
-  resumed = pipeline.create_iterator(config, **kwargs)
-  resumed.set_state(state)
-  _assert_same_batches([next(resumed) for _ in range(4)], expected)
+def _host_rows(config, hosts, first_batch, count, **kwargs):
+  """Each global batch as the concatenation of the rows `hosts` hosts read of it."""
+  per_host = [_batches(config, count, first_batch=first_batch, shard_index=i, shard_count=hosts,
+                       **kwargs) for i in range(hosts)]
+  return [{key: np.concatenate([rows[key] for rows in batch]) for key in batch[0]}
+          for batch in zip(*per_host)]
 
 
-def test_get_state_set_state_resumes_on_the_next_batch(data_config):
-  _resume_check(data_config)
+@pytest.mark.parametrize("split,train", [("train", True), ("eval", False)])
+def test_global_batches_do_not_depend_on_the_host_count(data_config, split, train):
+  """Hosts read disjoint blocks of rows of the same global batches, crops included; resuming at a
+  batch index (here after an epoch boundary: 54 / 12 = 4.5 batches) on any host count continues
+  the same sequence."""
+  kwargs = dict(split=split, batch_size=12, seed=3, train=train)
+  one_host = _batches(data_config, 8, **kwargs)
+  first_epoch = [i for b in one_host for i in b["id"]][:len(_records(data_config, split))]
+  assert sorted(first_epoch) == sorted(_records(data_config, split))
+  for hosts, first_batch in [(2, 0), (3, 0), (2, 5), (4, 5)]:
+    _assert_same_batches(_host_rows(data_config, hosts, first_batch, 8 - first_batch, **kwargs),
+                         one_host[first_batch:])
+
+
+def test_a_fixed_number_of_batches_repeats_for_evaluation(data_config):
+  kwargs = dict(split="eval", batch_size=4, seed=0, train=False)
+  first_two = _batches(data_config, 2, **kwargs)
+  _assert_same_batches(_batches(data_config, 5, num_batches=2, **kwargs), (first_two * 3)[:5])
+
+
+def test_host_block_of_a_single_process_is_the_whole_batch():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  assert pipeline.host_block(sharding, 8 * len(jax.devices())) == (0, 1)
+
+
+def test_batch_size_must_split_evenly_over_the_hosts(data_config):
+  with pytest.raises(ValueError, match="batch size 6 is not a positive multiple of the 4 hosts"):
+    pipeline.create_dataset(data_config, split="train", batch_size=6, seed=0, train=True,
+                            shard_index=0, shard_count=4)
 
 
 @pytest.mark.slow  # spawning Grain workers costs ~20 s here
-def test_resume_with_worker_processes(data_config):
+def test_worker_processes_make_the_same_batches(data_config):
   flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags
   config = data_config.copy_and_resolve_references()
-  config.num_workers = 1
-  _resume_check(config)
-
-
-def test_iterator_round_trips_through_orbax_checkpoint_manager(data_config, tmp_path):
-  kwargs = dict(split="train", batch_size=8, seed=1, train=True)
-  iterator = pipeline.create_iterator(data_config, **kwargs)
-  next(iterator)
-  next(iterator)
-  with checkpointing.checkpoint_manager(str(tmp_path), enable_async_checkpointing=False) as mgr:
-    mgr.save(7, args=ocp.args.Composite(
-        **{checkpointing.DATA_ITER_ITEM: grain.checkpoint.CheckpointSave(iterator)}))
-  expected = [next(iterator) for _ in range(3)]
-  fresh = pipeline.create_iterator(data_config, **kwargs)
-  with checkpointing.checkpoint_manager(str(tmp_path), read_only=True) as mgr:
-    mgr.restore(7, args=ocp.args.Composite(
-        **{checkpointing.DATA_ITER_ITEM: grain.checkpoint.CheckpointRestore(fresh)}))
-  _assert_same_batches([next(fresh) for _ in range(3)], expected)
+  config.num_workers = 2
+  kwargs = dict(split="train", batch_size=8, seed=5, train=True, first_batch=3)
+  _assert_same_batches(_batches(config, 4, **kwargs), _batches(data_config, 4, **kwargs))
 
 
 def test_make_global_batch_places_the_host_batch_on_the_mesh(data_config):
@@ -181,3 +190,12 @@ def test_missing_dataset_errors_say_how_to_build_it(data_config, tmp_path):
   config.source = "hdf5"
   with pytest.raises(ValueError, match="'tfds' or 'synthetic'"):
     pipeline.num_examples(config, "train")
+
+
+def test_looking_up_the_synthetic_corpus_does_not_build_it(tmp_path):
+  config = experiment.data_config()
+  config.source = "synthetic"
+  config.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match="built on first use by `ensure_dataset`"):
+    pipeline.dataset_path(config)
+  assert not os.listdir(tmp_path)

@@ -61,6 +61,17 @@ def test_an_existing_name_is_never_registered(tracker_calls, monkeypatch):
   assert registered == ["/psm_audiomaepp_test"] * 2
 
 
+def test_the_pipeline_installs_the_protection_only_in_grain_workers(tracker_calls):
+  """Importing the pipeline patches nothing; its worker start-up hook registers new names."""
+  from audiomaepp.data import pipeline  # pylint: disable=import-outside-toplevel
+  assert shared_memory._make_filename is worker_memory._make_unregistered_name
+  pipeline._start_worker(0, 2)  # pylint: disable=protected-access
+  segment = shared_memory.SharedMemory(create=True, size=64)
+  segment.close()
+  segment.unlink()
+  assert tracker_calls[0] == ("register", f"/{segment.name}", False)
+
+
 # Iterates the demo pipeline with 2 workers until killed.
 _CHILD = textwrap.dedent("""
     from absl import app

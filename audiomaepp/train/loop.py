@@ -3,25 +3,25 @@
 `run(config, workdir)` is what `main.py` calls. I/O, clocks and signals live here; the steps in
 `step.py` are pure. Reliability guarantees (see docs/reliability.md):
   * resume: a run restarted on the same workdir continues from the newest intact checkpoint, with
-    the same data order (Grain iterator state) and masks (fold_in(seed key, step)), so losses are
-    bit-identical to an uninterrupted run on CPU;
+    the same data (step s trains on global batch s - 1, whatever the number of hosts or Grain
+    workers: see data/pipeline.py) and masks (fold_in(seed key, step)), so losses are
+    bit-identical to an uninterrupted run on CPU, also when it resumes on another host count;
   * SIGTERM: the run checkpoints the current step and stops (`RunResult.preempted`);
   * a non-finite loss or gradient norm stops the run before it is checkpointed, so the latest
     checkpoint stays the last good one;
   * a failed checkpoint write (disk full, ...) is reported and its partial files removed; the
-    previous checkpoint stays restorable;
-  * resuming with another `data.num_workers` (on which the saved iterator state depends) is
-    refused before anything is restored.
+    previous checkpoint stays restorable.
 """
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
 import re
 import signal
 import threading
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -107,27 +107,13 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
 
 
 def _check_data(data_config: ml_collections.ConfigDict) -> None:
-  """The dataset must exist (TFDS shards), or is built now (the synthetic corpus)."""
+  """The dataset must exist (TFDS shards); the synthetic corpus is built later, by `run`."""
+  if data_config.source == "synthetic":
+    return
   try:
     pipeline.dataset_path(data_config)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from None
-
-
-def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A workdir with checkpoints resumes only with the Grain worker count they were saved with:
-  the iterator state depends on it (restoring it otherwise fails, and would read as damage)."""
-  checkpoint_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
-  steps = ([n for n in os.listdir(checkpoint_dir) if n.isdigit()]
-           if os.path.isdir(checkpoint_dir) else [])
-  if not steps or not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
-    return
-  recorded = checkpointing.load_config(workdir).data.num_workers
-  if recorded != config.data.num_workers:
-    raise ConfigError(
-        f"config.data.num_workers={config.data.num_workers} differs from {recorded}, the value "
-        f"the checkpoints in {workdir} were saved with (the data iterator state depends on it): "
-        f"resume with --config.data.num_workers={recorded}, or use a new workdir")
 
 
 def _record_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -233,12 +219,12 @@ class _Checkpointer:
       return self._failed(step, e)
     return None
 
-  def save(self, step: int, state: step_lib.TrainState, data_iter: Any) -> Optional[str]:
+  def save(self, step: int, state: step_lib.TrainState) -> Optional[str]:
     """Starts saving `state` as `step` after the previous save finished; returns an error."""
     error = self.wait()
     params, rest = state.checkpoint_items()
     try:
-      checkpointing.save_train_state(self.manager, step, params, rest, data_iter)
+      checkpointing.save_train_state(self.manager, step, params, rest)
     except Exception as e:  # pylint: disable=broad-except
       return self._failed(step, e)
     self._pending = step
@@ -302,29 +288,58 @@ def _summarise(records: list[dict[str, float]]) -> dict[str, float]:
           "lr": float(records[-1]["lr"])}
 
 
-def _local_batch(iterator: Any, step: int, config: ml_collections.ConfigDict) -> dict:
-  """The next host-local batch; `inject_nan_at_step` (fault-injection tests) poisons one."""
-  batch = next(iterator)
-  spectrogram = np.asarray(batch["spectrogram"], np.float32)
-  if step == config.inject_nan_at_step:
-    spectrogram = np.full_like(spectrogram, np.nan)
-  return {"spectrogram": spectrogram}
+def _due(step: int, every: int, total_steps: int) -> bool:
+  """Whether a periodic action (log, checkpoint, eval every `every` steps) runs at `step`: on
+  multiples of `every` and at the last step."""
+  return step % every == 0 or step == total_steps
+
+
+def _train_input(config: ml_collections.ConfigDict, start_step: int,
+                 block: tuple[int, int]) -> Iterator[dict]:
+  """This host's rows (`block`: `pipeline.host_block`) of the training batches of steps
+  `start_step + 1`, ...: step s trains on global batch s - 1, on any number of hosts."""
+  iterator = pipeline.create_iterator(
+      config.data, split=config.data.train_split, batch_size=config.batch_size,
+      seed=config.seed, train=True, first_batch=start_step, shard_index=block[0],
+      shard_count=block[1])
+  try:
+    for batch in iterator:
+      yield {"spectrogram": np.asarray(batch["spectrogram"], np.float32)}
+  finally:
+    iterator.close()
+
+
+class _EvalInput:
+  """This host's rows of the first `config.eval_batches` global batches of the eval split, the
+  same at every evaluation: one iterator (with its Grain workers), made at the first eval."""
+
+  def __init__(self, config: ml_collections.ConfigDict, block: tuple[int, int]):
+    self._config = config
+    self._block = block
+    self._iterator = None
+
+  def batches(self) -> Iterator[dict]:
+    if self._iterator is None:
+      self._iterator = pipeline.create_iterator(
+          self._config.data, split=self._config.data.eval_split,
+          batch_size=self._config.batch_size, seed=self._config.seed, train=False,
+          num_batches=self._config.eval_batches, shard_index=self._block[0],
+          shard_count=self._block[1])
+    return itertools.islice(self._iterator, self._config.eval_batches)
+
+  def close(self) -> None:
+    if self._iterator is not None:
+      self._iterator.close()
 
 
 def _evaluate(config: ml_collections.ConfigDict, eval_fn: Any, params: Any, step: int,
-              mesh: jax.sharding.Mesh, workdir: str, writer: metrics_lib.MetricsWriter) -> float:
-  """Validation loss over `eval_batches` held-out batches (fixed masks) and a reconstruction PNG.
-
-  The eval iterator repeats its split, so every host runs the same number of full batches.
-  """
-  iterator = pipeline.create_iterator(
-      config.data, split=config.data.eval_split,
-      batch_size=config.batch_size // jax.process_count(), seed=config.seed, train=False,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
+              mesh: jax.sharding.Mesh, eval_input: _EvalInput, workdir: str,
+              writer: metrics_lib.MetricsWriter) -> float:
+  """Validation loss over `eval_batches` held-out batches (fixed masks) and a reconstruction PNG."""
   sharding = parallel.batch_sharding(mesh)
   mask_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), EVAL_MASK_STREAM)
   losses, first = [], None
-  for index, batch in zip(range(config.eval_batches), iterator):
+  for index, batch in enumerate(eval_input.batches()):
     global_batch = pipeline.make_global_batch({"spectrogram": batch["spectrogram"]}, sharding)
     out = eval_fn(params, global_batch, jax.random.fold_in(mask_key, index))
     losses.append(out["loss"])
@@ -345,7 +360,10 @@ def _evaluate(config: ml_collections.ConfigDict, eval_fn: Any, params: Any, step
 def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   """Pretrains (or resumes) `config` in `workdir`; see the module docstring for guarantees."""
   model_config = validate_config(config)
-  _check_resumable(workdir, config)
+  try:
+    pipeline.ensure_dataset(config.data)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(str(e)) from None
   is_main = jax.process_index() == 0
   if is_main:
     _record_config(workdir, config)
@@ -361,10 +379,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
                dict(mesh.shape), num_train, total_steps, config.batch_size)
 
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  per_host_batch = config.batch_size // jax.process_count()
-  train_iter = pipeline.create_iterator(
-      config.data, split=config.data.train_split, batch_size=per_host_batch, seed=config.seed,
-      train=True, shard_index=jax.process_index(), shard_count=jax.process_count())
   checkpointer = _Checkpointer(workdir, config.keep_checkpoints)
   with_shardings = lambda abstract, sh: jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, sh)
@@ -373,7 +387,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   try:
     restored = checkpointing.restore_with_fallback(
         checkpointer.manager, with_shardings(abstract_params, params_sh),
-        with_shardings(abstract_rest, rest_sh), train_iter)
+        with_shardings(abstract_rest, rest_sh))
   except RuntimeError as e:  # checkpoints exist, but none can be read
     raise TrainingError(str(e)) from None
   if restored is None:
@@ -386,6 +400,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   train_fn = compile_train_step(model, tx, schedule, config.grad_accum_steps, shardings, mesh)
   eval_fn = compile_eval_step(model, shardings.params, mesh)
   batch_sharding = parallel.batch_sharding(mesh)
+  block = pipeline.host_block(batch_sharding, config.batch_size)
+  train_input = _train_input(config, start_step, block)
+  eval_input = _EvalInput(config, block)
   rng = jax.device_put(train_rng, parallel.replicated(mesh))
   writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main)
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.peak_flops)
@@ -399,8 +416,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   pending, window = [], []
   try:
     for step in range(start_step + 1, total_steps + 1):
-      local = _local_batch(train_iter, step, config)
-      batch = pipeline.make_global_batch(local, batch_sharding)
+      batch = pipeline.make_global_batch(next(train_input), batch_sharding)
       state, step_metrics = train_fn(state, batch, rng)
       pending.append(step_metrics)
       if step == start_step + 1:
@@ -408,8 +424,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         jax.block_until_ready(step_metrics)
         throughput.restart(step)
       result.step = step
-      log_now = step % config.log_every_steps == 0 or step == total_steps
-      save_now = step % config.checkpoint_every_steps == 0 or step == total_steps
+      log_now = _due(step, config.log_every_steps, total_steps)
+      save_now = _due(step, config.checkpoint_every_steps, total_steps)
       stop_now = watcher.requested(step)
       if log_now or save_now or stop_now:
         # The only host syncs: metrics are fetched at log and checkpoint steps.
@@ -422,10 +438,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         writer.write_scalars(step, {**_summarise(window), **throughput.update(step)})
         window = []
       if save_now or stop_now:
-        checkpointer.save(step, state, train_iter)
-      if not stop_now and config.eval_batches > 0 and (step % config.eval_every_steps == 0
-                                                       or step == total_steps):
-        _evaluate(config, eval_fn, state.params, step, mesh, workdir, writer)
+        checkpointer.save(step, state)
+      if not stop_now and config.eval_batches > 0 and _due(step, config.eval_every_steps,
+                                                           total_steps):
+        _evaluate(config, eval_fn, state.params, step, mesh, eval_input, workdir, writer)
         throughput.restart(step)
       if stop_now:
         result.preempted = True
@@ -435,6 +451,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     if error and result.checkpoint_step != result.step:
       raise CheckpointError(error)
   finally:
+    train_input.close()
+    eval_input.close()
     watcher.close()
     checkpointer.close()
     writer.close()
