@@ -21,7 +21,7 @@ import os
 import re
 import signal
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -117,10 +117,8 @@ def _check_data(data_config: ml_collections.ConfigDict) -> None:
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   """A workdir with checkpoints resumes only with the Grain worker count they were saved with:
   the iterator state depends on it (restoring it otherwise fails, and would read as damage)."""
-  checkpoint_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
-  steps = ([n for n in os.listdir(checkpoint_dir) if n.isdigit()]
-           if os.path.isdir(checkpoint_dir) else [])
-  if not steps or not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+  config_file = checkpointing.workdir_path(workdir) / checkpointing.CONFIG_FILE
+  if checkpointing.latest_complete_step(workdir) is None or not config_file.exists():
     return
   recorded = checkpointing.load_config(workdir).data.num_workers
   if recorded != config.data.num_workers:
@@ -132,7 +130,7 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 def _record_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes config.json, warning about fields that differ from the config of an earlier run."""
-  if os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+  if (checkpointing.workdir_path(workdir) / checkpointing.CONFIG_FILE).exists():
     flat = lambda c: traverse_util.flatten_dict(json.loads(c.to_json_best_effort()), sep=".")
     before, now = flat(checkpointing.load_config(workdir)), flat(config)
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
@@ -342,8 +340,12 @@ def _evaluate(config: ml_collections.ConfigDict, eval_fn: Any, params: Any, step
   return loss
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
-  """Pretrains (or resumes) `config` in `workdir`; see the module docstring for guarantees."""
+def run(config: ml_collections.ConfigDict, workdir: str,
+        on_step: Optional[Callable[[int], None]] = None) -> RunResult:
+  """Pretrains (or resumes) `config` in `workdir`; see the module docstring for guarantees.
+
+  `on_step(step)` is called as each step starts (main.py's host-loss report names it).
+  """
   model_config = validate_config(config)
   _check_resumable(workdir, config)
   is_main = jax.process_index() == 0
@@ -399,6 +401,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   pending, window = [], []
   try:
     for step in range(start_step + 1, total_steps + 1):
+      if on_step is not None:
+        on_step(step)
       local = _local_batch(train_iter, step, config)
       batch = pipeline.make_global_batch(local, batch_sharding)
       state, step_metrics = train_fn(state, batch, rng)
