@@ -73,9 +73,9 @@ def main(argv):
     _print_error(f"could not join the other hosts: {str(e).splitlines()[0] if str(e) else e!r}")
     raise SystemExit(HOST_LOST_EXIT_CODE) from None
   watchdog = _watch_hosts(_WORKDIR.value) if joined and jax.process_count() > 1 else None
-  on_step = None if watchdog is None else (lambda step: setattr(watchdog, "step", step))
   try:
-    result = train.run(_CONFIG.value, _WORKDIR.value, on_step=on_step)
+    result = train.run(_CONFIG.value, _WORKDIR.value,
+                       on_step=None if watchdog is None else watchdog.note_step)
   except train.TrainingError as e:
     if watchdog is not None:
       watchdog.finish()  # every host stops with this error: none is lost
@@ -115,7 +115,7 @@ def _watch_hosts(workdir: str) -> hosts.HostWatchdog:
 
   watchdog = hosts.HostWatchdog(distributed.global_state.client, jax.process_index(),
                                 jax.process_count(), on_lost, timeout=_HOST_TIMEOUT.value)
-  watchdog.step = checkpointing.latest_complete_step(workdir) or 0
+  watchdog.note_step(checkpointing.latest_complete_step(workdir) or 0)
   return watchdog.start()
 
 

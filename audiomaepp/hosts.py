@@ -42,7 +42,7 @@ class HostWatchdog:
     self._changed = {host: now for host in range(num_processes) if host != process_id}
     self._done: set[int] = set()
     self.lost: Optional[int] = None
-    self.step = 0  # the step being trained, for the report (set by the caller)
+    self.step = 0  # the step being trained, for the caller's report
     self._threads = [threading.Thread(target=self._beat_loop, name="host-beat", daemon=True),
                      threading.Thread(target=self._judge_loop, name="host-judge", daemon=True)]
 
@@ -50,6 +50,10 @@ class HostWatchdog:
     for thread in self._threads:
       thread.start()
     return self
+
+  def note_step(self, step: int) -> None:
+    """Records the step being trained (for `on_lost`'s report)."""
+    self.step = step
 
   def wait(self, timeout: float) -> None:
     """Waits up to `timeout` seconds for the watchdog to judge a host lost (and act on it)."""
