@@ -91,7 +91,7 @@ start() {  # start CONFIG WORKDIR [overrides]: every worker, detached, one log p
   args=$(printf '%q ' launch/supervise.sh --max_restarts "$MAX_RESTARTS" --backoff "$BACKOFF" \
          -- .venv/bin/python main.py --distributed "--config=$1" "--workdir=$2" "${@:3}")
   on_workers all "cd audiomaepp && mkdir -p logs && \
-setsid nohup $args >> logs/\$(hostname).log 2>&1 < /dev/null & echo \$! > logs/supervise.pid"
+{ setsid nohup $args >> logs/\$(hostname).log 2>&1 < /dev/null & echo \$! > logs/supervise.pid; }"
 }
 
 case "$ACTION" in

@@ -159,9 +159,9 @@ def test_tpu_pod_dry_run_commands():
           "--distributed --config=configs/base.py --workdir=gs://bucket/runs/base "
           "--config.seed=3") in remote
   # Detached, one log per worker, the supervisor's pid kept for status and stop.
-  assert remote.startswith("cd audiomaepp && mkdir -p logs && setsid nohup launch/supervise.sh")
+  assert remote.startswith("cd audiomaepp && mkdir -p logs && { setsid nohup launch/supervise.sh")
   assert ">> logs/$(hostname).log 2>&1 < /dev/null &" in remote
-  assert remote.endswith("echo $! > logs/supervise.pid")
+  assert remote.endswith("echo $! > logs/supervise.pid; }")
 
   assert "kill -0 $(cat logs/supervise.pid" in _remote(tpu("status"))
   assert _remote(tpu("logs")) == "tail -n 50 audiomaepp/logs/$(hostname).log"
@@ -185,3 +185,89 @@ def _remote_of(words):
 
 def _remote(proc):
   return _remote_of(_last_command(proc))
+
+
+def _fake_tools(tmp_path, **scripts):
+  """A PATH directory of bash stand-ins (e.g. srun, scontrol, gcloud) that log their calls."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  for name, body in scripts.items():
+    tool = bin_dir / name
+    tool.write_text(f"#!/usr/bin/env bash\necho \"{name} $*\" >> {tmp_path}/calls\n{body}\n")
+    tool.chmod(0o755)
+  return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_slurm_reruns_srun_after_host_loss_and_requeues_after_preemption(tmp_path):
+  # srun fails as after a host loss (75), then a task killed by a signal (137), then the job
+  # is preempted (143 after its checkpoint): two restarts in the allocation, then a requeue.
+  runs = tmp_path / "runs"
+  env = _fake_tools(tmp_path, scontrol="",
+                    srun=f"n=$(( $(cat {runs} 2>/dev/null || echo 0) + 1 )); echo $n > {runs}\n"
+                         "case $n in 1) exit 75;; 2) exit 137;; *) exit 143;; esac")
+  env.update(SLURM_JOB_ID="77", BACKOFF="0", MAX_RESTARTS="3")
+  proc = _bash(os.path.join(LAUNCH, "slurm_gpu.sbatch"), "configs/base.py", "/shared/run",
+               env=env)
+  assert proc.returncode == 143, proc.stderr
+  calls = (tmp_path / "calls").read_text().splitlines()
+  assert [c.split()[0] for c in calls] == ["srun", "srun", "srun", "scontrol"]
+  assert calls[-1] == "scontrol requeue 77"
+  assert "restart 2 of 3" in proc.stderr
+
+
+def test_slurm_gives_up_after_max_restarts_and_not_on_errors(tmp_path):
+  env = _fake_tools(tmp_path, scontrol="", srun="exit 75")
+  env.update(SLURM_JOB_ID="77", BACKOFF="0", MAX_RESTARTS="2")
+  proc = _bash(os.path.join(LAUNCH, "slurm_gpu.sbatch"), "configs/base.py", "/r", env=env)
+  assert proc.returncode == 75 and "after 2 restarts: giving up" in proc.stderr
+  assert (tmp_path / "calls").read_text().count("srun") == 3
+  (tmp_path / "calls").unlink()
+  env = _fake_tools(tmp_path, srun="exit 1")
+  env.update(SLURM_JOB_ID="77", BACKOFF="0")
+  proc = _bash(os.path.join(LAUNCH, "slurm_gpu.sbatch"), "configs/base.py", "/r", env=env)
+  assert proc.returncode == 1 and (tmp_path / "calls").read_text().count("srun") == 1
+
+
+def test_tpu_pod_run_is_detached_and_status_logs_stop_work(tmp_path):
+  """One stand-in worker: `gcloud ... ssh --command=C` runs C in a fake home holding the
+  checkout's supervisor and a stand-in trainer that runs until SIGTERM, then exits 143."""
+  home = tmp_path / "home"
+  (home / "audiomaepp" / "launch").mkdir(parents=True)
+  (home / "audiomaepp" / ".venv" / "bin").mkdir(parents=True)
+  supervise = home / "audiomaepp" / "launch" / "supervise.sh"
+  supervise.write_text(open(os.path.join(LAUNCH, "supervise.sh")).read())
+  supervise.chmod(0o755)
+  trainer = home / "audiomaepp" / ".venv" / "bin" / "python"
+  trainer.write_text("#!/usr/bin/env bash\necho \"training $*\"\n"
+                     "trap 'echo checkpointed; exit 143' TERM\nwhile true; do sleep 0.05; done\n")
+  trainer.chmod(0o755)
+  env = _fake_tools(tmp_path, gcloud=(
+      'for a in "$@"; do [[ $a == --command=* ]] && command=${a#--command=}; done\n'
+      f'cd {home} && HOME={home} bash -c "$command"'))
+  env["TPU_NAME"] = "pod"
+  tpu = lambda *args: _bash(os.path.join(LAUNCH, "tpu_pod.sh"), *args, env=env)
+  log = home / "audiomaepp" / "logs" / f"{os.uname().nodename}.log"
+
+  def wait_for(predicate):
+    for _ in range(200):
+      if predicate():
+        return True
+      subprocess.run(["sleep", "0.05"], check=True)
+    return False
+
+  try:
+    assert tpu("run", "configs/base.py", "gs://b/r", "--config.seed=3").returncode == 0
+    assert wait_for(lambda: log.exists() and "training" in log.read_text())
+    assert ("training main.py --distributed --config=configs/base.py --workdir=gs://b/r "
+            "--config.seed=3") in log.read_text()
+    status = tpu("status")
+    assert f"{os.uname().nodename}: running | training main.py" in status.stdout, status.stderr
+    assert "training main.py" in tpu("logs").stdout
+    assert tpu("stop").returncode == 0
+    assert wait_for(lambda: "stopped" in tpu("status").stdout)
+    assert "checkpointed" in log.read_text()
+    assert "supervise: stopped by a signal; the command exited with status 143" in log.read_text()
+  finally:
+    pid_file = home / "audiomaepp" / "logs" / "supervise.pid"
+    if pid_file.exists():
+      subprocess.run(["kill", "-9", f"-{pid_file.read_text().strip()}"], capture_output=True)
