@@ -15,6 +15,7 @@
 # default when empty), SPOT=1 for preemptible capacity, LINES (logs), MAX_RESTARTS and BACKOFF
 # (launch/supervise.sh on each worker), WATCH_EVERY and MAX_RECREATES (watch).
 # WORKDIR should be a gs:// URL: Orbax and etils write it natively, every host sees it, no mount.
+# data_dir is read as a local path: copy the dataset to each worker (gcloud storage cp -r).
 # Example:
 #   TPU_NAME=maepp ZONE=us-east5-a ACCELERATOR_TYPE=v5p-128 launch/tpu_pod.sh run \
 #     configs/base.py gs://my-bucket/runs/base --config.data.data_dir=/data/audioset_tfds
