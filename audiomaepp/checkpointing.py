@@ -1,19 +1,20 @@
 """Workdir layout and Orbax checkpoints.
 
-A workdir (from pretraining, or from `tools.import_original`) holds:
+A workdir (from pretraining, or from `tools.import_original`) is a local path or a URL that
+`etils.epath` and Orbax read natively (gs://bucket/runs/base; needs `gcsfs`). It holds:
   config.json            the resolved experiment config (the experiment record)
   checkpoints/<step>/    Orbax CheckpointManager steps; item `params` holds the model parameters;
                          pretraining adds `train_state` (step and optimiser state) and `data_iter`
                          (the Grain iterator state of each host)
   checkpoints_skipped/   damaged steps moved aside by `restore_with_fallback`
 
-Saves are atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete), so a
-process killed mid-save leaves the previous steps intact; the temporary directory is removed the
-next time a training manager opens the workdir.
+Saves are atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete; on GCS
+it writes `<step>/commit_success.txt` last instead), so a process killed mid-save leaves the
+previous steps intact; the temporary directory is removed the next time a training manager opens
+the workdir.
 """
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Optional
 
@@ -35,47 +36,63 @@ TRAIN_STATE_ITEM = "train_state"
 DATA_ITER_ITEM = "data_iter"
 
 
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> str:
+def workdir_path(workdir: Any) -> epath.Path:
+  """`workdir` as an absolute `epath.Path`: local paths resolved, URLs (gs://...) as given."""
+  path = epath.Path(workdir)
+  return path if "://" in str(workdir) else path.absolute()
+
+
+def save_config(workdir: Any, config: ml_collections.ConfigDict) -> epath.Path:
   """Writes the resolved config (plus the package version) as JSON; returns its path."""
-  os.makedirs(workdir, exist_ok=True)
+  directory = workdir_path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
   record = json.loads(config.to_json_best_effort())
   record["_audiomaepp_version"] = audiomaepp.__version__
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  path = directory / CONFIG_FILE
+  tmp = directory / (CONFIG_FILE + ".tmp")
+  tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+  tmp.replace(path)
   return path
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+def load_config(workdir: Any) -> ml_collections.ConfigDict:
   """Reads the config recorded in a workdir."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = workdir_path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(
         f"{path} not found: {workdir} is not a workdir written by main.py or "
         "audiomaepp.tools.import_original")
-  with open(path) as f:
-    record = json.load(f)
+  record = json.loads(path.read_text())
   record.pop("_audiomaepp_version", None)
   return ml_collections.ConfigDict(record)
 
 
-def checkpoint_manager(workdir: str, **options: Any) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: Any, **options: Any) -> ocp.CheckpointManager:
   """An Orbax CheckpointManager over `workdir/checkpoints` (options: CheckpointManagerOptions)."""
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-      options=ocp.CheckpointManagerOptions(**options))
+  return ocp.CheckpointManager(workdir_path(workdir) / CHECKPOINT_DIR,
+                               options=ocp.CheckpointManagerOptions(**options))
 
 
-def save_params(workdir: str, params: Any, step: int = 0) -> None:
+def latest_complete_step(workdir: Any) -> Optional[int]:
+  """The newest step under `workdir/checkpoints` whose save completed (Orbax's test: renamed from
+  its temporary name, or on GCS holding its commit marker). Reads storage, not a manager, so any
+  thread may call it, e.g. while the main thread is blocked on a lost host."""
+  directory = workdir_path(workdir) / CHECKPOINT_DIR
+  if not directory.exists():
+    return None
+  steps = [int(path.name) for path in directory.iterdir()
+           if path.name.isdigit() and ocp.utils.is_checkpoint_finalized(path)]
+  return max(steps, default=None)
+
+
+def save_params(workdir: Any, params: Any, step: int = 0) -> None:
   """Saves model parameters alone as checkpoint `step` (used for imported checkpoints)."""
   with checkpoint_manager(workdir, enable_async_checkpointing=False) as manager:
     manager.save(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params)}))
     manager.wait_until_finished()
 
 
-def restore_params(workdir: str, abstract_params: Any, step: Optional[int] = None) -> Any:
+def restore_params(workdir: Any, abstract_params: Any, step: Optional[int] = None) -> Any:
   """Restores the `params` item of checkpoint `step` (default: latest) shaped like the target.
 
   `abstract_params` is a pytree of arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`
@@ -85,7 +102,7 @@ def restore_params(workdir: str, abstract_params: Any, step: Optional[int] = Non
     if step is None:
       step = manager.latest_step()
     if step is None:
-      raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, CHECKPOINT_DIR)}")
+      raise FileNotFoundError(f"no checkpoint under {workdir_path(workdir) / CHECKPOINT_DIR}")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -96,13 +113,13 @@ def restore_params(workdir: str, abstract_params: Any, step: Optional[int] = Non
   return restored[PARAMS_ITEM]
 
 
-def training_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def training_manager(workdir: Any, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   """The manager used by pretraining: keeps the last `keep` steps and saves asynchronously.
 
   Partial saves left by a killed or failed run are removed first, before it returns (Orbax's own
   `cleanup_tmp_directories` runs in the background and is not awaited by `close`).
   """
-  directory = epath.Path(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)))
+  directory = workdir_path(workdir) / CHECKPOINT_DIR
   if jax.process_index() == 0 and directory.exists():
     for path in _temporary_paths(directory):
       logging.info("removing %s, a save that did not complete", path)

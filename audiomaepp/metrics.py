@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 from absl import logging
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -86,11 +87,11 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = epath.Path(workdir) / METRICS_FILE
     self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
     _truncate_jsonl(self.path, start_step)
     from tensorboardX import SummaryWriter  # heavy import, only on the writing process
     self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step + 1,
@@ -110,8 +111,7 @@ class MetricsWriter:
     record.update({k: _finite_or_none(v) for k, v in values.items()})
     if not all(math.isfinite(v) for v in values.values()):
       record["nonfinite"] = True
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    _append_line(self.path, json.dumps(record) + "\n")
 
   def write_image(self, tag: str, step: int, image: np.ndarray) -> None:
     """Adds an (height, width, 3) uint8 image to TensorBoard."""
@@ -125,12 +125,13 @@ class MetricsWriter:
       self._tb = None
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """The records of a metrics JSONL file, skipping a torn last line."""
+def read_jsonl(path: Any) -> list[dict[str, Any]]:
+  """The records of a metrics JSONL file (a local path or a gs:// URL), skipping a torn line."""
   records = []
-  if not os.path.exists(path):
+  path = epath.Path(path)
+  if not path.exists():
     return records
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       try:
         records.append(json.loads(line))
@@ -139,15 +140,23 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   return records
 
 
-def _truncate_jsonl(path: str, last_step: int) -> None:
+def _truncate_jsonl(path: epath.Path, last_step: int) -> None:
   """Keeps the records with step <= last_step (atomically rewritten)."""
-  if not os.path.exists(path):
+  if not path.exists():
     return
   kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in kept)
-  os.replace(tmp, path)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+  tmp.replace(path)
+
+
+def _append_line(path: epath.Path, line: str) -> None:
+  """Appends one line; object stores (gs://) cannot append, so there the file is rewritten."""
+  if "://" in str(path):
+    path.write_text((path.read_text() if path.exists() else "") + line)
+    return
+  with path.open("a") as f:
+    f.write(line)
 
 
 def _format(key: str, value: float) -> str:

@@ -4,6 +4,7 @@ One `jax.sharding.Mesh` with axes ('data', 'fsdp') spans every device of every h
 split over both axes; parameters carry logical axis names ('embed', 'mlp', 'heads', 'kv') that the
 config's `logical_axis_rules` map to mesh axes, so data parallel and FSDP differ only in config.
 """
+import dataclasses
 import os
 from typing import Any, Optional, Sequence
 
@@ -12,8 +13,11 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax._src import clusters  # JAX's own cluster detection (SLURM, TPU VM, ...)
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from audiomaepp.errors import UserError
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXIS = "batch"
@@ -101,21 +105,69 @@ def cluster_detected() -> bool:
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
+@dataclasses.dataclass(frozen=True)
+class DistributedSettings:
+  """What `jax.distributed.initialize` gets; `local_device_ids` None: every local device."""
+  coordinator_address: Optional[str]
+  num_processes: Optional[int]
+  process_id: Optional[int]
+  local_device_ids: Optional[list[int]]
+
+
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name)
+  if value is None or value == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise UserError(f"environment variable {name}={value!r}: expected an integer") from None
+
+
+def resolve_distributed(coordinator_address: Optional[str] = None,
+                        num_processes: Optional[int] = None, process_id: Optional[int] = None,
+                        force: bool = False) -> Optional[DistributedSettings]:
+  """The multi-process settings of this process, or None for a single process.
+
+  Explicit arguments win, then JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID /
+  JAX_LOCAL_DEVICE_IDS, then what JAX detects (SLURM: one process per task, each on the GPU of
+  its SLURM_LOCALID; TPU VM pods). `force` asks for a cluster even when none is visible in the
+  environment (TPU VM pods, whose workers JAX finds through the metadata server).
+  """
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  num_processes = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+  process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+  ids = os.environ.get("JAX_LOCAL_DEVICE_IDS")
+  local_device_ids = [int(i) for i in ids.split(",")] if ids else None
+  explicit = coordinator_address is not None or (num_processes or 1) > 1
+  if not (force or explicit or cluster_detected()):
+    return None
+  if None in (coordinator_address, num_processes, process_id):
+    (coordinator_address, num_processes, process_id,
+     detected_ids) = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+         coordinator_address, num_processes, process_id, local_device_ids, None, 300)
+    local_device_ids = local_device_ids or detected_ids
+  if None in (coordinator_address, num_processes, process_id):
+    missing = [name for name, value in (("JAX_COORDINATOR_ADDRESS", coordinator_address),
+                                        ("JAX_NUM_PROCESSES", num_processes),
+                                        ("JAX_PROCESS_ID", process_id)) if value is None]
+    raise UserError(f"a multi-process run needs {', '.join(missing)} (or the flags "
+                    "--coordinator_address, --num_processes, --process_id)")
+  return DistributedSettings(coordinator_address, num_processes, process_id, local_device_ids)
+
+
 def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None, force: bool = False) -> bool:
   """Calls `jax.distributed.initialize` when running as several processes; returns whether it did.
 
-  Explicit arguments win; otherwise JAX detects the cluster (SLURM, TPU VM pods, ...) itself.
-  `force` initialises even when the environment shows no cluster (TPU VM pods, whose workers
-  JAX finds through the metadata server). A single process without cluster variables is left
-  alone (no coordinator needed).
+  Settings come from `resolve_distributed` (arguments, JAX_* environment, detected cluster). A
+  single process without cluster variables is left alone (no coordinator needed).
   """
-  explicit = coordinator_address is not None or (num_processes or 1) > 1
-  if not (force or explicit or cluster_detected()):
+  settings = resolve_distributed(coordinator_address, num_processes, process_id, force)
+  if settings is None:
     return False
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  jax.distributed.initialize(**dataclasses.asdict(settings))
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())

@@ -7,18 +7,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
+from etils import epath
 
 from audiomaepp import metrics
 
 
 def _render(fig: plt.Figure, path: str) -> np.ndarray:
-  """Saves `fig` to `path` (atomically) and returns it as an (height, width, 3) uint8 image."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Saves `fig` to `path` (atomically; a local path or a gs:// URL) and returns it as an
+  (height, width, 3) uint8 image."""
+  target = epath.Path(path)
+  target.parent.mkdir(parents=True, exist_ok=True)
   fig.canvas.draw()
   image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp)
-  os.replace(tmp, path)
+  tmp = target.parent / (target.name + ".tmp.png")
+  with tmp.open("wb") as f:
+    fig.savefig(f, format="png")
+  tmp.replace(target)
   plt.close(fig)
   return image
 

@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
-# Pretrain on a Cloud TPU VM pod slice: create the slice, copy this checkout to every worker and
-# install it, run main.py on all hosts at once (jax.distributed configures itself on TPU VMs),
-# delete the slice.
+# Pretrain on a Cloud TPU VM pod slice: create the slice, install this checkout on every worker,
+# run main.py on all hosts at once, detached and supervised, watch it, stop it, delete the slice.
 #
 #   launch/tpu_pod.sh [--dry-run] create
 #   launch/tpu_pod.sh [--dry-run] setup
 #   launch/tpu_pod.sh [--dry-run] run CONFIG WORKDIR [--config.field=value ...]
+#   launch/tpu_pod.sh [--dry-run] status          # per worker: running or not, last log line
+#   launch/tpu_pod.sh [--dry-run] logs [WORKER]   # last LINES lines of each worker's log
+#   launch/tpu_pod.sh [--dry-run] stop            # SIGTERM: checkpoint, then exit
+#   launch/tpu_pod.sh [--dry-run] watch CONFIG WORKDIR [overrides]   # recreate after preemption
 #   launch/tpu_pod.sh [--dry-run] delete
 #
 # Settings (environment): TPU_NAME, ZONE, ACCELERATOR_TYPE, RUNTIME_VERSION, PROJECT (gcloud's
-# default when empty), BUCKET (mounted with gcsfuse at /gcs
-# on every worker so WORKDIR=/gcs/... is shared by all hosts), SPOT=1 for preemptible capacity.
+# default when empty), SPOT=1 for preemptible capacity, LINES (logs), MAX_RESTARTS and BACKOFF
+# (launch/supervise.sh on each worker), WATCH_EVERY and MAX_RECREATES (watch).
+# WORKDIR should be a gs:// URL: Orbax and etils write it natively, every host sees it, no mount.
+# data_dir is read as a local path: copy the dataset to each worker (gcloud storage cp -r).
 # Example:
-#   TPU_NAME=maepp ZONE=us-central2-b ACCELERATOR_TYPE=v4-64 BUCKET=my-bucket \
-#     launch/tpu_pod.sh run configs/base.py /gcs/runs/base --config.data.data_dir=/gcs/audioset_tfds
+#   TPU_NAME=maepp ZONE=us-east5-a ACCELERATOR_TYPE=v5p-128 launch/tpu_pod.sh run \
+#     configs/base.py gs://my-bucket/runs/base --config.data.data_dir=/data/audioset_tfds
+#
+# setup installs Python 3.11 with uv (the TPU base images ship 3.10; jax 0.10.2 needs >= 3.11).
+# run starts `launch/supervise.sh -- main.py` with setsid/nohup on every worker, so training
+# survives the ssh session; each worker logs to ~/audiomaepp/logs/<hostname>.log. The supervisor
+# restarts after host loss or a crash; `watch` (run it where you run gcloud) recreates a
+# preempted spot slice, sets it up and runs again, resuming from the checkpoint in WORKDIR.
 set -euo pipefail
 
 TPU_NAME=${TPU_NAME:-audiomaepp}
@@ -21,9 +32,15 @@ ZONE=${ZONE:-us-central2-b}
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v4-32}
 RUNTIME_VERSION=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
 PROJECT=${PROJECT:-}
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BUCKET=${BUCKET:-}
 SPOT=${SPOT:-0}
+LINES=${LINES:-50}
+MAX_RESTARTS=${MAX_RESTARTS:-5}
+BACKOFF=${BACKOFF:-20}
+WATCH_EVERY=${WATCH_EVERY:-300}
+MAX_RECREATES=${MAX_RECREATES:-10}
+PYTHON_VERSION=3.11
+GCSFS_VERSION=2026.10.1
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 DRY_RUN=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; shift; fi
@@ -38,42 +55,79 @@ GCLOUD=(gcloud compute tpus tpu-vm)
 LOCATION=(--zone="$ZONE")
 [[ -n "$PROJECT" ]] && LOCATION+=(--project="$PROJECT")
 
-on_all_workers() {
-  run "${GCLOUD[@]}" ssh "$TPU_NAME" "${LOCATION[@]}" --worker=all --command="$1"
+on_workers() {  # on_workers WORKERS COMMAND
+  run "${GCLOUD[@]}" ssh "$TPU_NAME" "${LOCATION[@]}" --worker="$1" --command="$2"
+}
+
+usage() {
+  echo "usage: $0 [--dry-run] {create|setup|run CONFIG WORKDIR [overrides]|status|logs [WORKER]|stop|watch CONFIG WORKDIR [overrides]|delete}" >&2
+  exit 2
+}
+
+need_config() {
+  if [[ $# -lt 2 ]]; then usage; fi
+}
+
+create() {
+  local extra=()
+  [[ "$SPOT" == 1 ]] && extra+=(--spot)
+  run "${GCLOUD[@]}" create "$TPU_NAME" "${LOCATION[@]}" \
+    --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" "${extra[@]}"
+}
+
+setup() {
+  local archive=/tmp/audiomaepp-src.tar.gz
+  run git -C "$REPO" archive --format=tar.gz -o "$archive" HEAD
+  run "${GCLOUD[@]}" scp "$archive" "$TPU_NAME:audiomaepp-src.tar.gz" "${LOCATION[@]}" --worker=all
+  on_workers all "set -e; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \
+export PATH=\$HOME/.local/bin:\$PATH; mkdir -p audiomaepp && tar xzf audiomaepp-src.tar.gz -C audiomaepp && cd audiomaepp; \
+uv venv --python $PYTHON_VERSION .venv; \
+uv pip install --python .venv/bin/python -q -r requirements.txt 'jax[tpu]==0.10.2' gcsfs==$GCSFS_VERSION; \
+uv pip install --python .venv/bin/python -q --no-deps -e .; \
+.venv/bin/python -c 'import sys; assert sys.version_info >= (3, 11), sys.version'"
+}
+
+start() {  # start CONFIG WORKDIR [overrides]: every worker, detached, one log per worker
+  local args
+  args=$(printf '%q ' launch/supervise.sh --max_restarts "$MAX_RESTARTS" --backoff "$BACKOFF" \
+         -- .venv/bin/python main.py --distributed "--config=$1" "--workdir=$2" "${@:3}")
+  on_workers all "cd audiomaepp && mkdir -p logs && \
+{ setsid nohup $args >> logs/\$(hostname).log 2>&1 < /dev/null & echo \$! > logs/supervise.pid; }"
 }
 
 case "$ACTION" in
-  create)
-    EXTRA=()
-    [[ "$SPOT" == 1 ]] && EXTRA+=(--spot)
-    run "${GCLOUD[@]}" create "$TPU_NAME" "${LOCATION[@]}" \
-      --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION" "${EXTRA[@]}"
+  create) create ;;
+  setup) setup ;;
+  run) need_config "$@"; start "$@" ;;
+  status)
+    on_workers all "cd audiomaepp && if kill -0 \$(cat logs/supervise.pid 2>/dev/null) 2>/dev/null; \
+then state=running; else state=stopped; fi; echo \"\$(hostname): \$state | \$(tail -n 1 logs/\$(hostname).log 2>/dev/null)\""
     ;;
-  setup)
-    MOUNT=""
-    if [[ -n "$BUCKET" ]]; then
-      MOUNT="sudo mkdir -p /gcs && sudo chown \$USER /gcs && (mountpoint -q /gcs || gcsfuse --implicit-dirs $BUCKET /gcs) && "
-    fi
-    ARCHIVE=/tmp/audiomaepp-src.tar.gz
-    run git -C "$REPO" archive --format=tar.gz -o "$ARCHIVE" HEAD
-    run "${GCLOUD[@]}" scp "$ARCHIVE" "$TPU_NAME:audiomaepp-src.tar.gz" "${LOCATION[@]}" --worker=all
-    on_all_workers "${MOUNT}mkdir -p audiomaepp && tar xzf audiomaepp-src.tar.gz -C audiomaepp && cd audiomaepp && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt && .venv/bin/pip install -q 'jax[tpu]==0.10.2' && .venv/bin/pip install -q --no-deps -e ."
+  logs) on_workers "${1:-all}" "tail -n $LINES audiomaepp/logs/\$(hostname).log" ;;
+  stop) on_workers all "kill -TERM \$(cat audiomaepp/logs/supervise.pid) 2>/dev/null || true" ;;
+  watch)
+    need_config "$@"
+    for ((recreated = 0; ; )); do
+      state=$(run "${GCLOUD[@]}" describe "$TPU_NAME" "${LOCATION[@]}" --format='value(state)' || echo MISSING)
+      if [[ $DRY_RUN == 1 ]]; then state=PREEMPTED; fi
+      case "$state" in
+        READY)
+          if ! on_workers 0 "kill -0 \$(cat audiomaepp/logs/supervise.pid)"; then
+            echo "training on $TPU_NAME has ended (done, or given up): see logs" >&2; exit 0
+          fi ;;
+        CREATING|STARTING|RESTARTING|REPAIRING) ;;
+        *) if [[ $recreated -ge $MAX_RECREATES ]]; then
+             echo "slice $TPU_NAME is $state after $recreated recreations: giving up" >&2; exit 1
+           fi
+           recreated=$((recreated + 1))
+           echo "slice $TPU_NAME is $state: recreating it ($recreated of $MAX_RECREATES)" >&2
+           [[ "$state" == MISSING ]] || run "${GCLOUD[@]}" delete "$TPU_NAME" "${LOCATION[@]}" --quiet
+           create; setup; start "$@" ;;
+      esac
+      [[ $DRY_RUN == 1 ]] && exit 0
+      sleep "$WATCH_EVERY"
+    done
     ;;
-  run)
-    if [[ $# -lt 2 ]]; then
-      echo "usage: $0 [--dry-run] run CONFIG WORKDIR [--config.field=value ...]" >&2
-      exit 2
-    fi
-    CONFIG=$1; WORKDIR=$2; shift 2
-    ARGS=$(printf '%q ' --distributed "--config=$CONFIG" "--workdir=$WORKDIR" "$@")
-    # Every host runs the same command; each logs to its own file next to the checkout.
-    on_all_workers "set -o pipefail; cd audiomaepp && .venv/bin/python main.py $ARGS 2>&1 | tee -a train_\$(hostname).log"
-    ;;
-  delete)
-    run "${GCLOUD[@]}" delete "$TPU_NAME" "${LOCATION[@]}" --quiet
-    ;;
-  *)
-    echo "usage: $0 [--dry-run] {create|setup|run CONFIG WORKDIR [overrides]|delete}" >&2
-    exit 2
-    ;;
+  delete) run "${GCLOUD[@]}" delete "$TPU_NAME" "${LOCATION[@]}" --quiet ;;
+  *) usage ;;
 esac

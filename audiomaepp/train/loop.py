@@ -21,7 +21,7 @@ import os
 import re
 import signal
 import threading
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -118,7 +118,7 @@ def _check_data(data_config: ml_collections.ConfigDict) -> None:
 
 def _record_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes config.json, warning about fields that differ from the config of an earlier run."""
-  if os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
+  if (checkpointing.workdir_path(workdir) / checkpointing.CONFIG_FILE).exists():
     flat = lambda c: traverse_util.flatten_dict(json.loads(c.to_json_best_effort()), sep=".")
     before, now = flat(checkpointing.load_config(workdir)), flat(config)
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
@@ -357,8 +357,12 @@ def _evaluate(config: ml_collections.ConfigDict, eval_fn: Any, params: Any, step
   return loss
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
-  """Pretrains (or resumes) `config` in `workdir`; see the module docstring for guarantees."""
+def run(config: ml_collections.ConfigDict, workdir: str,
+        on_step: Optional[Callable[[int], None]] = None) -> RunResult:
+  """Pretrains (or resumes) `config` in `workdir`; see the module docstring for guarantees.
+
+  `on_step(step)` is called as each step starts (main.py's host-loss report names it).
+  """
   model_config = validate_config(config)
   try:
     pipeline.ensure_dataset(config.data)
@@ -416,6 +420,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   pending, window = [], []
   try:
     for step in range(start_step + 1, total_steps + 1):
+      if on_step is not None:
+        on_step(step)
       batch = pipeline.make_global_batch(next(train_input), batch_sharding)
       state, step_metrics = train_fn(state, batch, rng)
       pending.append(step_metrics)

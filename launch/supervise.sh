@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Run a training command and start it again after preemption or host loss, with bounded retries
+# and exponential backoff. Each start resumes from the workdir's latest checkpoint.
+#
+#   launch/supervise.sh [--max_restarts N] [--backoff SECONDS] [--dry-run] -- COMMAND [ARGS...]
+#   launch/supervise.sh -- python main.py --config=configs/base.py --workdir=gs://bucket/runs/base
+#
+# One supervisor per process (per host on TPU pods, per process on a local multi-process run).
+# Restarts on exit status 75 (another host was lost), 143 (stopped by SIGTERM after a checkpoint,
+# e.g. a maintenance event) and on death by a signal (128 + N: killed, or JAX's abort when the
+# coordinator disappears). Gives up, returning the status, on 0 (done), on any other status (1:
+# a user or training error that a restart would repeat) and after N restarts. SIGTERM or SIGINT
+# to the supervisor is passed to the command, and the supervisor then stops with its status.
+# Waits BACKOFF, 2 x BACKOFF, ... (at most 300 s) before each restart: the first wait must exceed
+# the time the other hosts take to notice a loss (main.py --host_timeout_seconds, 8 s) so that
+# every host has left the old run before any joins the new one.
+set -uo pipefail
+
+MAX_RESTARTS=${MAX_RESTARTS:-5}
+BACKOFF=${BACKOFF:-20}
+DRY_RUN=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --max_restarts) MAX_RESTARTS=$2; shift 2 ;;
+    --backoff) BACKOFF=$2; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+if [[ $# -eq 0 ]]; then
+  echo "usage: $0 [--max_restarts N] [--backoff SECONDS] [--dry-run] -- COMMAND [ARGS...]" >&2
+  exit 2
+fi
+if [[ $DRY_RUN == 1 ]]; then
+  echo "max_restarts=$MAX_RESTARTS backoff=${BACKOFF}s"
+  printf '%q ' "$@"; echo
+  exit 0
+fi
+
+log() { echo "supervise: $*" >&2; }
+
+CHILD=0
+STOPPING=0
+forward() {
+  STOPPING=1
+  [[ $CHILD -gt 0 ]] && kill -TERM "$CHILD" 2>/dev/null
+}
+trap forward TERM INT
+
+attempt=0
+delay=$BACKOFF
+while true; do
+  "$@" &
+  CHILD=$!
+  # `wait` returns early when a trapped signal arrives: wait again until the command has ended.
+  while true; do
+    wait "$CHILD"
+    status=$?
+    kill -0 "$CHILD" 2>/dev/null || break
+  done
+  CHILD=0
+  if [[ $STOPPING == 1 ]]; then
+    log "stopped by a signal; the command exited with status $status"
+    exit "$status"
+  fi
+  case "$status" in
+    0) exit 0 ;;
+    75|143) reason="status $status" ;;
+    *) if [[ $status -gt 128 ]]; then reason="signal $((status - 128))"; else
+         log "the command failed with status $status: not restarting"; exit "$status"; fi ;;
+  esac
+  if [[ $attempt -ge $MAX_RESTARTS ]]; then
+    log "the command ended with $reason after $attempt restarts: giving up"
+    exit "$status"
+  fi
+  attempt=$((attempt + 1))
+  log "the command ended with $reason; restart $attempt of $MAX_RESTARTS in ${delay}s"
+  sleep "$delay" &
+  SLEEPER=$!
+  wait "$SLEEPER"
+  kill "$SLEEPER" 2>/dev/null
+  if [[ $STOPPING == 1 ]]; then exit "$status"; fi
+  delay=$((delay * 2 > 300 ? 300 : delay * 2))
+done
