@@ -4,17 +4,13 @@ Parses flags, joins the other hosts when there are several (jax.distributed), an
 `audiomaepp.train.run`. Starting again on the same workdir resumes from its latest checkpoint.
 Exit status: 0 done, 1 error (one line on stderr), 143 stopped by SIGTERM after a checkpoint.
 """
-import logging as py_logging
-import os
-import sys
-
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from audiomaepp import parallel
 from audiomaepp import train
+from audiomaepp.errors import UserError
+from audiomaepp.tools import cli
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as if the signal had ended the process
 
@@ -34,30 +30,15 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_orbax(record: py_logging.LogRecord) -> bool:
-  """Keeps Orbax's warnings and errors but not its per-save chatter (dozens of lines a save),
-  nor asyncio's tracebacks, at exit, of the write tasks of a failed save (reported already)."""
-  if record.name == "asyncio" and "/orbax/" in record.getMessage():
-    return False
-  return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   force=_DISTRIBUTED.value)
-  try:
-    result = train.run(_CONFIG.value, _WORKDIR.value)
-  except train.TrainingError as e:
-    # One write that starts on a line of its own: threads of a failed save may still be printing.
-    sys.stderr.flush()
-    os.write(sys.stderr.fileno(), f"\nerror: {e}\n".encode())
-    raise SystemExit(1) from None
+  result = train.run(_CONFIG.value, _WORKDIR.value)
   if result.preempted:
     raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

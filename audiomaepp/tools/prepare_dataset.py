@@ -14,12 +14,12 @@ skipped and listed in OUT/audio_logmel/<version>/report.json. At cluster scale, 
 """
 import os
 
-from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
 from audiomaepp.data import builders
 from audiomaepp.data import sources
+from audiomaepp.tools import cli
 
 _AUDIO_DIR = flags.DEFINE_string("audio_dir", None, "Folder of audio files (searched recursively).",
                                  required=True)
@@ -91,4 +91,4 @@ def summary(report: dict, max_listed: int = 10) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -38,6 +38,7 @@ from audiomaepp import models
 from audiomaepp import parallel
 from audiomaepp import visualize
 from audiomaepp.data import pipeline
+from audiomaepp.errors import UserError
 from audiomaepp.train import optim
 from audiomaepp.train import step as step_lib
 
@@ -47,11 +48,12 @@ LOSS_CURVE_FILE = "loss_curve.png"
 EVAL_MASK_STREAM = 0x5EED
 
 
-class TrainingError(Exception):
-  """A run that cannot start or continue; the message is one line for the user."""
+class TrainingError(UserError):
+  """A run that cannot start or continue; the message is one line for the user (every CLI
+  prints it as `error: <message>`)."""
 
 
-class ConfigError(TrainingError, ValueError):
+class ConfigError(TrainingError):
   """The config is invalid (found before anything is compiled)."""
 
 
