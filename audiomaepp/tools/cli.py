@@ -41,17 +41,17 @@ def fail(message: str) -> NoReturn:
   raise SystemExit(1)
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   """Parses the flags (absl's `flags_parser`); a flag the user got wrong ends in `fail`."""
   try:
-    remaining = flags.FLAGS(argv)
+    remaining = flag_values(argv)
   except flags.Error as e:
     fail(_one_line(str(e)))
   except (KeyError, AttributeError) as e:  # config_flags: an override of a field that is not there
     fail(_unknown_override(argv, str(e)))
   except OSError as e:  # config_flags: overrides of a config file that cannot be loaded
-    fail(next(iter(_config_file_errors(argv)), _one_line(str(e))))
-  for problem in _config_file_errors(argv):
+    fail(next(iter(_config_file_errors(argv, flag_values)), _one_line(str(e))))
+  for problem in _config_file_errors(argv, flag_values):
     fail(problem)
   return remaining
 
@@ -101,13 +101,13 @@ def _unknown_override(argv: Sequence[str], message: str) -> str:
   return f"unknown config field {wrong!r}"
 
 
-def _config_file_errors(argv: Sequence[str]) -> list[str]:
+def _config_file_errors(argv: Sequence[str], flag_values: flags.FlagValues) -> list[str]:
   """'--config=PATH: config file not found' for each config flag whose file cannot be loaded
   (config_flags defers that error to the config's first use)."""
   problems = []
   for arg in argv:
     name, _, value = arg.lstrip("-").partition("=")
-    if not value or name not in flags.FLAGS or flags.FLAGS[name].flag_type() != "config object":
+    if not value or name not in flag_values or flag_values[name].flag_type() != "config object":
       continue
     path = value.split(":", 1)[0]
     if not os.path.isfile(path):
