@@ -11,9 +11,11 @@ Saves are atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when
 process killed mid-save leaves the previous steps intact; the temporary directory is removed the
 next time a training manager opens the workdir.
 """
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any, Optional
 
@@ -82,6 +84,26 @@ def save_params(workdir: str, params: Any, step: int = 0) -> None:
     manager.wait_until_finished()
 
 
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """Drops the unraisable "Event loop is closed" errors of a failed restore: TensorStore reports
+  every read still in flight once Orbax has closed its event loop, hundreds of tracebacks that
+  say nothing about the checkpoint. Other unraisable errors go to the previous hook."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
+
+
+@_quiet_failed_reads()
 def restore_params(workdir: str, abstract_params: Any, step: Optional[int] = None) -> Any:
   """Restores the `params` item of checkpoint `step`, or by default of the newest step that reads
   back (damaged newer steps are logged and skipped; nothing is moved: the workdir may be
@@ -215,6 +237,7 @@ class Restored:
   skipped: list[tuple[int, str]]
 
 
+@_quiet_failed_reads()
 def restore_with_fallback(manager: ocp.CheckpointManager, abstract_params: Any,
                           abstract_train_state: Any, data_iter: Any = None) -> Optional[Restored]:
   """Restores the newest step that reads back completely; None when there is no checkpoint.

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from audiomaepp import checkpointing
 from audiomaepp import errors
+from audiomaepp import models
 from audiomaepp.evaluation import tasks
 from audiomaepp.tools import cli
 import faults
@@ -178,18 +180,25 @@ def _foreign_log_lines(stderr: str) -> list[str]:
 
 @pytest.mark.timeout(600)
 def test_orbax_is_quiet_by_default(tmp_path):
-  """An import (an Orbax save) and then the embed tool (a restore through a read-only manager)
-  print no Orbax line."""
-  imported = _run("audiomaepp.tools.import_original", *MICRO, f"--output_dir={tmp_path / 'w'}")
+  """An import (an Orbax save), then the embed tool on that workdir with a damaged newer step (a
+  failed and a good restore through read-only managers): no Orbax line, no traceback."""
+  workdir = tmp_path / "w"
+  imported = _run("audiomaepp.tools.import_original", *MICRO, f"--output_dir={workdir}")
   assert imported.returncode == 0, imported.stderr
   assert _foreign_log_lines(imported.stderr) == [], imported.stderr
   assert len(imported.stderr.strip().splitlines()) <= 3, imported.stderr
+  params = checkpointing.restore_params(str(workdir), models.abstract_params(
+      models.build_model(checkpointing.load_config(str(workdir)).model)))
+  checkpointing.save_params(str(workdir), params, step=5)
+  faults.truncate_checkpoint_arrays(workdir / "checkpoints" / "5")
   clip = tmp_path / "clip.wav"
   sf.write(clip, faults.tone(1.0), 16000)
-  embed = _run("audiomaepp.tools.embed", f"--checkpoint={tmp_path / 'w'}", f"--audio={clip}",
+  embed = _run("audiomaepp.tools.embed", f"--checkpoint={workdir}", f"--audio={clip}",
                f"--output_dir={tmp_path / 'out'}")
   assert embed.returncode == 0, embed.stderr
   assert _foreign_log_lines(embed.stderr) == [], embed.stderr
+  assert "Traceback" not in embed.stderr and "Event loop is closed" not in embed.stderr
+  assert f"restored step 0 of {workdir} instead of the damaged newer steps [5]" in embed.stderr
   assert "320 values" in embed.stdout
 
 
