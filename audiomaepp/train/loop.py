@@ -10,8 +10,11 @@
     checkpoint stays the last good one;
   * a failed checkpoint write (disk full, ...) is reported and its partial files removed; the
     previous checkpoint stays restorable;
-  * resuming with another `data.num_workers` (on which the saved iterator state depends) is
-    refused before anything is restored.
+  * resuming with another `data.num_workers` (on which the saved iterator state depends), or
+    with another model than the one recorded in config.json, is refused before anything is
+    restored or written; config.json is rewritten only once the run is accepted (restored);
+  * a workdir that is a file or not writable, or a dataset without the (non-empty) train split or,
+    when evaluating, eval split, fails before anything is compiled.
 """
 import dataclasses
 import functools
@@ -154,7 +157,7 @@ def _check_writable(workdir: str) -> None:
     probe.unlink()
   except OSError as e:
     raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror or e}): checkpoints "
-                      "and metrics could not be saved; use a writable directory") from None
+                      "and metrics cannot be saved there; use a writable directory") from None
 
 
 def _check_same_model(workdir: str, model_config: models.ModelConfig) -> None:
