@@ -14,7 +14,7 @@ import logging as py_logging
 import os
 import re
 import sys
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -48,7 +48,10 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
   except flags.Error as e:
     fail(_one_line(str(e)))
   except (KeyError, AttributeError) as e:  # config_flags: an override of a field that is not there
-    fail(_unknown_override(argv, str(e)))
+    message = _unknown_override(argv, str(e))
+    if message is None:  # not about an override: a bug
+      raise
+    fail(message)
   except OSError as e:  # config_flags: overrides of a config file that cannot be loaded
     fail(next(iter(_config_file_errors(argv, flag_values)), _one_line(str(e))))
   for problem in _config_file_errors(argv, flag_values):
@@ -88,17 +91,20 @@ def _one_line(text: str) -> str:
   return f"{lines[0]} ... {lines[-1]}"
 
 
-def _unknown_override(argv: Sequence[str], message: str) -> str:
-  """'--config.x: no such field ...' for an override that config_flags could not resolve."""
+def _unknown_override(argv: Sequence[str], message: str) -> Optional[str]:
+  """'--config.x: the config has no field ...' for the override config_flags could not resolve
+  (None when no override names the missing field)."""
   match = _DID_YOU_MEAN.search(message)
   wrong = match.group(2) if match else message.strip("'\"").split("'")[0]
   for arg in argv:
     name = arg.split("=", 1)[0]
     path = name.lstrip("-").split(".")
     if len(path) > 1 and wrong in path[1:]:
-      hint = (f"; did you mean {name.replace(wrong, match.group(1))}?" if match else "")
+      hint = ""
+      if match:
+        hint = f"; did you mean --{'.'.join(match.group(1) if p == wrong else p for p in path)}?"
       return f"{name}: the config has no field {wrong!r}{hint}"
-  return f"unknown config field {wrong!r}"
+  return None
 
 
 def _config_file_errors(argv: Sequence[str], flag_values: flags.FlagValues) -> list[str]:
