@@ -36,6 +36,8 @@ FRAME_LAYOUTS = ("time_major", "original")
 # so memory stays bounded.
 MAX_CHUNKS_PER_CALL = 256
 _STD_EPS = 1e-8
+# Audio of shape (samples, c) with c at most this many is taken for one multichannel clip.
+_MAX_CHANNELS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +116,7 @@ def _check_audio(audio: Any) -> jnp.ndarray:
     raise UserError(f"audio has shape {shape}, an empty batch: {expected}, at least one sound")
   if n_samples == 0:
     raise UserError(f"audio has shape {shape}, zero samples per sound: {expected}")
-  if n_samples < features.MIN_SAMPLES <= n_sounds:
+  if n_samples <= _MAX_CHANNELS and n_sounds >= features.MIN_SAMPLES:
     raise UserError(
         f"audio has shape {shape}, which looks like one clip of {n_sounds} samples with "
         f"{n_samples} channels: {expected}; downmix and add a batch axis: audio.mean(axis=1)[None]")
