@@ -7,24 +7,21 @@ Exit status: 0 done; 1 error (one `error:` line on stderr); 75 another host was 
 this host could not join the others; 143 stopped by SIGTERM after a checkpoint.
 `launch/supervise.sh` restarts on 75, 143 and deaths by a signal.
 """
-import logging as py_logging
 import multiprocessing
 import os
-import sys
 import time
 
 import jax
-from absl import app
 from absl import flags
-from absl import logging
 from jax._src import distributed  # the coordination service client, for the host watchdog
 from ml_collections import config_flags
 
 from audiomaepp import checkpointing
-from audiomaepp import errors
 from audiomaepp import hosts
 from audiomaepp import parallel
 from audiomaepp import train
+from audiomaepp.errors import UserError
+from audiomaepp.tools import cli
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as if the signal had ended the process
 HOST_LOST_EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure, starting again resumes
@@ -51,36 +48,26 @@ _HOST_TIMEOUT = flags.DEFINE_float(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _quiet_orbax(record: py_logging.LogRecord) -> bool:
-  """Keeps Orbax's warnings and errors but not its per-save chatter (dozens of lines a save),
-  nor asyncio's tracebacks, at exit, of the write tasks of a failed save (reported already)."""
-  if record.name == "asyncio" and "/orbax/" in record.getMessage():
-    return False
-  return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     joined = parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                              _PROCESS_ID.value, force=_DISTRIBUTED.value)
-  except errors.UserError:
+  except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     # Mostly transient (the coordinator not up yet, a host still restarting): worth a restart.
-    _print_error(f"could not join the other hosts: {str(e).splitlines()[0] if str(e) else e!r}")
+    cli.print_error(f"could not join the other hosts: {str(e).splitlines()[0] if str(e) else e!r}")
     raise SystemExit(HOST_LOST_EXIT_CODE) from None
   watchdog = _watch_hosts(_WORKDIR.value) if joined and jax.process_count() > 1 else None
   try:
     result = train.run(_CONFIG.value, _WORKDIR.value,
                        on_step=None if watchdog is None else watchdog.note_step)
-  except train.TrainingError as e:
+  except UserError:
     if watchdog is not None:
       watchdog.finish()  # every host stops with this error: none is lost
-    _print_error(str(e))
-    raise SystemExit(1) from None
+    raise
   except Exception:
     if watchdog is not None:
       # A collective may fail because a host died (Gloo: "Connection reset by peer"): give the
@@ -105,9 +92,7 @@ def _watch_hosts(workdir: str) -> hosts.HostWatchdog:
       checkpoint = checkpointing.latest_complete_step(workdir)
     except Exception:  # pylint: disable=broad-except
       checkpoint = "unknown (storage unreadable)"
-    os.write(sys.stderr.fileno(),
-             f"\nerror: host {host} lost at step {watchdog.step}; last checkpoint: step "
-             f"{checkpoint}\n".encode())
+    cli.print_error(f"host {host} lost at step {watchdog.step}; last checkpoint: step {checkpoint}")
     # The main thread may be blocked in a collective with the lost host and JAX's exit handler
     # would wait for it at a shutdown barrier: end now. Checkpoints are atomic; a save in flight
     # stays temporary and is removed by the next start.
@@ -119,11 +104,6 @@ def _watch_hosts(workdir: str) -> hosts.HostWatchdog:
   return watchdog.start()
 
 
-def _print_error(message: str) -> None:
-  """One write that starts on a line of its own: threads of a failed save may still print."""
-  sys.stderr.flush()
-  os.write(sys.stderr.fileno(), f"\nerror: {message}\n".encode())
-
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,8 +13,10 @@ it writes `<step>/commit_success.txt` last instead), so a process killed mid-sav
 previous steps intact; the temporary directory is removed the next time a training manager opens
 the workdir.
 """
+import contextlib
 import dataclasses
 import json
+import sys
 import time
 from typing import Any, Optional
 
@@ -27,6 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 import audiomaepp
+from audiomaepp.errors import UserError
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -62,7 +65,13 @@ def load_config(workdir: Any) -> ml_collections.ConfigDict:
     raise FileNotFoundError(
         f"{path} not found: {workdir} is not a workdir written by main.py or "
         "audiomaepp.tools.import_original")
-  record = json.loads(path.read_text())
+  try:
+    record = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}: not valid JSON ({e}); the file is damaged (truncated?)") from None
+  if not isinstance(record, dict):
+    raise UserError(f"{path}: expected a JSON object (the experiment config), got "
+                    f"{type(record).__name__}")
   record.pop("_audiomaepp_version", None)
   return ml_collections.ConfigDict(record)
 
@@ -92,25 +101,77 @@ def save_params(workdir: Any, params: Any, step: int = 0) -> None:
     manager.wait_until_finished()
 
 
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """Drops the unraisable "Event loop is closed" errors of a failed restore: TensorStore reports
+  every read still in flight once Orbax has closed its event loop, hundreds of tracebacks that
+  say nothing about the checkpoint. Other unraisable errors go to the previous hook."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    sys.unraisablehook = previous
+
+
+@_quiet_failed_reads()
 def restore_params(workdir: Any, abstract_params: Any, step: Optional[int] = None) -> Any:
-  """Restores the `params` item of checkpoint `step` (default: latest) shaped like the target.
+  """Restores the `params` item of checkpoint `step`, or by default of the newest step that reads
+  back (damaged newer steps are logged and skipped; nothing is moved: the workdir may be
+  read-only), shaped like the target.
 
   `abstract_params` is a pytree of arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`
   of the model's init); arrays without a sharding are placed on the default device.
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint.
+    UserError: `step` does not exist or cannot be restored, or no step can; names the workdir and
+      each step's problem.
   """
-  with checkpoint_manager(workdir, read_only=True) as manager:
-    if step is None:
-      step = manager.latest_step()
-    if step is None:
+  # read_only: nothing may be written; the other two keep Orbax from warning that it set them.
+  with checkpoint_manager(workdir, read_only=True, save_interval_steps=0, create=False) as manager:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"no checkpoint under {workdir_path(workdir) / CHECKPOINT_DIR}")
+    if step is not None:
+      if step not in steps:
+        raise UserError(f"{workdir} has no checkpoint step {step}; it has steps {sorted(steps)}")
+      steps = [step]
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                        sharding=getattr(x, "sharding", None) or device),
         abstract_params)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
-  return restored[PARAMS_ITEM]
+    damaged = []
+    for candidate in steps:
+      try:
+        restored = manager.restore(
+            candidate, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
+      except Exception as e:  # pylint: disable=broad-except
+        damaged.append((candidate, _failure_reason(e)))
+        logging.warning("checkpoint step %d of %s cannot be restored (%s)", candidate, workdir,
+                        damaged[-1][1])
+        continue
+      if damaged:
+        logging.warning("restored step %d of %s instead of the damaged newer steps %s", candidate,
+                        workdir, [s for s, _ in damaged])
+      else:
+        logging.info("restored step %d of %s", candidate, workdir)
+      return restored[PARAMS_ITEM]
+  raise UserError(f"no checkpoint of {workdir} can be restored ("
+                  + "; ".join(f"step {s}: {r}" for s, r in damaged) + ")")
+
+
+def _failure_reason(error: BaseException) -> str:
+  """'<type>: <first line>' of a failed restore, at most 300 characters."""
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 def training_manager(workdir: Any, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -193,6 +254,7 @@ class Restored:
   skipped: list[tuple[int, str]]
 
 
+@_quiet_failed_reads()
 def restore_with_fallback(manager: ocp.CheckpointManager, abstract_params: Any,
                           abstract_train_state: Any, data_iter: Any = None) -> Optional[Restored]:
   """Restores the newest step that reads back completely; None when there is no checkpoint.
@@ -211,7 +273,7 @@ def restore_with_fallback(manager: ocp.CheckpointManager, abstract_params: Any,
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
-      reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+      reason = _failure_reason(e)
       logging.warning("checkpoint step %d cannot be restored, skipping it (%s)", step, reason)
       skipped.append((step, reason))
       continue

@@ -27,6 +27,8 @@ import numpy as np
 from audiomaepp import audio as audio_lib
 from audiomaepp import checkpointing
 from audiomaepp import models
+from audiomaepp.audio import features
+from audiomaepp.errors import UserError
 
 SAMPLE_RATE = 16000
 FRAME_LAYOUTS = ("time_major", "original")
@@ -34,6 +36,8 @@ FRAME_LAYOUTS = ("time_major", "original")
 # so memory stays bounded.
 MAX_CHUNKS_PER_CALL = 256
 _STD_EPS = 1e-8
+# Audio of shape (samples, c) with c at most this many is taken for one multichannel clip.
+_MAX_CHANNELS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +80,7 @@ def from_variables(model_config: ml_collections.ConfigDict, variables: Any,
                    frame_layout: str = "time_major") -> Model:
   """A HEAR `Model` from a model config and variables (e.g. from `original.load`)."""
   if frame_layout not in FRAME_LAYOUTS:
-    raise ValueError(f"frame_layout must be one of {FRAME_LAYOUTS}, got {frame_layout!r}")
+    raise UserError(f"frame_layout must be one of {FRAME_LAYOUTS}, got {frame_layout!r}")
   module = models.build_model(model_config)
   params = variables["params"] if "params" in variables else variables
   return Model(module=module, params=models.unbox(params), frame_layout=frame_layout)
@@ -84,13 +88,14 @@ def from_variables(model_config: ml_collections.ConfigDict, variables: Any,
 
 def load_model(model_file_path: str = "", frame_layout: str = "time_major",
                step: int | None = None) -> Model:
-  """Restores the latest (or `step`) checkpoint of a workdir and its recorded config.
+  """Restores the newest intact (or the given `step`) checkpoint of a workdir and its config.
 
   `model_file_path` is a pretraining workdir (`main.py --workdir`) or a directory written by
-  `audiomaepp.tools.import_original`.
+  `audiomaepp.tools.import_original`. A damaged newest checkpoint is skipped with a warning that
+  names the step used instead; `UserError` when none is intact or config.json is damaged.
   """
   if not model_file_path:
-    raise ValueError("load_model needs a workdir: pass the directory written by main.py or "
+    raise UserError("load_model needs a workdir: pass the directory written by main.py or "
                      "audiomaepp.tools.import_original")
   config = checkpointing.load_config(model_file_path)
   module = models.build_model(config.model)
@@ -100,15 +105,29 @@ def load_model(model_file_path: str = "", frame_layout: str = "time_major",
 
 
 def _check_audio(audio: Any) -> jnp.ndarray:
-  if audio.ndim != 2:
-    raise ValueError(f"audio must be (n_sounds, n_samples) of 16 kHz mono; got shape {audio.shape}")
-  if audio.shape[1] == 0:
-    raise ValueError("audio has zero samples per clip")
+  """The audio as float32 (n_sounds, n_samples); a UserError saying what is wrong otherwise."""
+  shape = tuple(np.shape(audio))
+  expected = "expected (n_sounds, n_samples): a batch of 16 kHz mono waveforms"
+  if len(shape) != 2:
+    hint = "; add a batch axis for one clip: audio[None]" if len(shape) == 1 else ""
+    raise UserError(f"audio has shape {shape}: {expected}{hint}")
+  n_sounds, n_samples = shape
+  if n_sounds == 0:
+    raise UserError(f"audio has shape {shape}, an empty batch: {expected}, at least one sound")
+  if n_samples == 0:
+    raise UserError(f"audio has shape {shape}, zero samples per sound: {expected}")
+  if n_samples <= _MAX_CHANNELS and n_sounds >= features.MIN_SAMPLES:
+    raise UserError(
+        f"audio has shape {shape}, which looks like one clip of {n_sounds} samples with "
+        f"{n_samples} channels: {expected}; downmix and add a batch axis: audio.mean(axis=1)[None]")
+  if n_samples < features.MIN_SAMPLES:
+    raise UserError(f"audio too short: {n_samples} samples per sound, the log-mel needs at least "
+                    f"{features.MIN_SAMPLES} (shape {shape}; {expected})")
   audio = jnp.asarray(audio, jnp.float32)
   finite = np.asarray(jnp.all(jnp.isfinite(audio), axis=1))
   if not finite.all():
     bad = np.flatnonzero(~finite).tolist()
-    raise ValueError(f"audio of sounds {bad} contains NaN or infinite samples")
+    raise UserError(f"audio of sounds {bad} contains NaN or infinite samples")
   return audio
 
 
@@ -136,7 +155,7 @@ def _frame_embeddings(audio: Any, model: Model) -> Tuple[jnp.ndarray, int]:
   if not finite.all():
     bad = np.flatnonzero(~finite).tolist()
     peak = float(jnp.max(jnp.abs(audio[np.asarray(bad)])))
-    raise ValueError(f"audio of sounds {bad} has samples of magnitude {peak:.3g}, which overflow "
+    raise UserError(f"audio of sounds {bad} has samples of magnitude {peak:.3g}, which overflow "
                      "the float32 log-mel; expected 16 kHz waveforms in [-1, 1]")
   n_sounds, n_time, n_mel = spectrogram.shape
   chunk = model.chunk_frames

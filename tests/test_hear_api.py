@@ -3,8 +3,11 @@ import jax
 import numpy as np
 import pytest
 
+from audiomaepp import checkpointing
+from audiomaepp import errors
 from audiomaepp import hear_api
 from audiomaepp import original
+import faults
 
 CLIPS = ("chirp_3p7s", "exact_2s", "sweep_10s_with_silence")
 
@@ -93,3 +96,59 @@ def test_imported_checkpoint_restores(fixtures_dir, hear_fixture, tmp_path):
   with pytest.raises(FileExistsError, match="already holds checkpoints"):
     original.import_to_workdir(str(fixtures_dir / "maepp_micro_weights.npz"), workdir,
                                       original_args=str(fixtures_dir / "maepp_micro_config.json"))
+
+
+@pytest.mark.parametrize("shape,message", [
+    ((0, 16000), "audio has shape (0, 16000), an empty batch: expected (n_sounds, n_samples): a "
+                 "batch of 16 kHz mono waveforms, at least one sound"),
+    ((16000, 2), "audio has shape (16000, 2), which looks like one clip of 16000 samples with 2 "
+                 "channels: expected (n_sounds, n_samples): a batch of 16 kHz mono waveforms; "
+                 "downmix and add a batch axis: audio.mean(axis=1)[None]"),
+])
+def test_empty_batch_and_stereo_clip_say_what_shape_is_expected(micro, shape, message):
+  model = hear_api.from_variables(*micro)
+  audio = np.zeros(shape, np.float32)
+  for embed in (hear_api.get_scene_embeddings, hear_api.get_timestamp_embeddings):
+    with pytest.raises(errors.UserError) as error:
+      embed(audio, model)
+    assert str(error.value) == message
+
+
+def _workdir_with_two_steps(fixtures_dir, workdir):
+  """An imported workdir (step 0) plus step 5 holding the same parameters plus one."""
+  original.import_to_workdir(str(fixtures_dir / "maepp_micro_weights.npz"), str(workdir),
+                             original_args=str(fixtures_dir / "maepp_micro_config.json"))
+  params = hear_api.load_model(str(workdir)).params
+  checkpointing.save_params(str(workdir), jax.tree.map(lambda x: x + 1, params), step=5)
+  return params
+
+
+def test_load_model_falls_back_past_a_damaged_newest_step(fixtures_dir, tmp_path, caplog):
+  workdir = tmp_path / "w"
+  step0 = _workdir_with_two_steps(fixtures_dir, workdir)
+  np.testing.assert_array_equal(hear_api.load_model(str(workdir)).params["cls_token"],
+                                step0["cls_token"] + 1)  # step 5 while it is intact
+  assert faults.truncate_checkpoint_arrays(workdir / "checkpoints" / "5")
+  with caplog.at_level("WARNING"):
+    model = hear_api.load_model(str(workdir))
+  np.testing.assert_array_equal(model.params["cls_token"], step0["cls_token"])
+  assert "checkpoint step 5 of" in caplog.text
+  assert f"restored step 0 of {workdir} instead of the damaged newer steps [5]" in caplog.text
+  assert (workdir / "checkpoints" / "5").is_dir()  # reading never moves or deletes anything
+
+  faults.truncate_checkpoint_arrays(workdir / "checkpoints" / "0")
+  with pytest.raises(errors.UserError) as error:
+    hear_api.load_model(str(workdir))
+  message = str(error.value)
+  assert message.startswith(f"no checkpoint of {workdir} can be restored (step 5: ")
+  assert "; step 0: " in message and "\n" not in message
+
+
+def test_load_model_names_a_damaged_config_json(fixtures_dir, tmp_path):
+  workdir = tmp_path / "w"
+  original.import_to_workdir(str(fixtures_dir / "maepp_micro_weights.npz"), str(workdir),
+                             original_args=str(fixtures_dir / "maepp_micro_config.json"))
+  path = workdir / checkpointing.CONFIG_FILE
+  path.write_text(path.read_text()[:100])
+  with pytest.raises(errors.UserError, match=f"^{path}: not valid JSON .*damaged"):
+    hear_api.load_model(str(workdir))

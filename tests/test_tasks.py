@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from audiomaepp import errors
 from audiomaepp.evaluation import tasks
 
 KWS_WORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
@@ -167,3 +168,23 @@ def test_write_rejects_inconsistent_embeddings(tmp_path):
     tasks.write_task_embeddings(tmp_path, "t", metadata, ["a", "b"],
                                 {"train": good, "valid": good, "test": nan})
   assert not tasks.has_task_embeddings(tmp_path, "t")
+
+
+@pytest.mark.parametrize("split,row,value", [("train", 3, np.nan), ("test", 5, -np.inf)])
+def test_non_finite_embeddings_are_refused_naming_file_split_and_row(tmp_path, split, row, value):
+  """A NaN in the training embeddings gives a chance-level probe with exit 0 unless refused."""
+  vocabulary = ["a", "b"]
+  metadata = {"splits": ["train", "valid", "test"], "embedding_type": "scene",
+              "prediction_type": "multiclass"}
+  rng = np.random.default_rng(0)
+  tasks.write_task_embeddings(tmp_path, "t-v1", metadata, vocabulary, {
+      s: (rng.normal(size=(6, 4)).astype(np.float32), [["a"], ["b"]] * 3,
+          [f"{s}_{i}.wav" for i in range(6)]) for s in metadata["splits"]})
+  path = tmp_path / "t-v1" / f"{split}.embeddings.npy"
+  embeddings = np.load(path)
+  embeddings[row, 1] = value
+  np.save(path, embeddings)
+  with pytest.raises(errors.UserError) as error:
+    tasks.read_task_embeddings(tmp_path / "t-v1")
+  assert str(error.value).startswith(
+      f"{path}: split {split!r} row {row} ({split}_{row}.wav) holds NaN or infinite values")

@@ -20,6 +20,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from audiomaepp.errors import UserError
+
 SAMPLE_RATE = 16000
 # soxr's 'HQ' preset is what librosa uses for its default res_type='soxr_hq'.
 RESAMPLE_QUALITY = "HQ"
@@ -27,7 +29,7 @@ RESAMPLE_QUALITY = "HQ"
 _ESTIMATED_LENGTH_FORMATS = frozenset({"MP3", "MPEG"})
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
   """An audio file that cannot be turned into a waveform; the message names the file and why."""
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from audiomaepp.errors import UserError
 from audiomaepp.evaluation import scores
 from audiomaepp.evaluation import tasks as tasks_lib
 
@@ -333,7 +334,7 @@ def evaluate_task(task: tasks_lib.TaskEmbeddings, seeds: Sequence[int],
   start = time.perf_counter()
   metric = tasks_lib.primary_metric(task.metadata)
   if metric not in scores.METRICS:
-    raise ValueError(f"{task.name}: primary metric {metric!r} is not supported; "
+    raise UserError(f"{task.name}: primary metric {metric!r} is not supported; "
                      f"expected one of {sorted(scores.METRICS)}")
   runs = []
   splits = tasks_lib.data_splits(task.metadata)

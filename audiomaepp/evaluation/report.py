@@ -15,6 +15,7 @@ from typing import Any
 
 from absl import logging
 
+from audiomaepp.errors import UserError
 from audiomaepp.evaluation import scores
 
 PAPER_REFERENCE = "paper"  # `--reference=paper`: the paper's Table 2, shipped as package data
@@ -54,14 +55,14 @@ def load_reference(spec: str) -> Reference:
     raise FileNotFoundError(
         f"{path}: reference file not found (or use --reference=paper)") from None
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raise UserError(f"{path}: not valid JSON ({e})") from None
   if isinstance(data, dict) and "models" in data and "tasks" in data:
     return _table_reference(data, str(path))
   if isinstance(data, dict) and "model_name" in data and isinstance(data.get("tasks"), dict):
     row = {k: (float(v["mean"]), v.get("ci")) for k, v in data["tasks"].items()}
     return Reference({data["model_name"]: row}, {k: k for k in row}, data.get("labels", {}),
                      str(path))
-  raise ValueError(f"{path}: expected a Table-2-style JSON (keys 'tasks', 'models') or a "
+  raise UserError(f"{path}: expected a Table-2-style JSON (keys 'tasks', 'models') or a "
                    "scores.json written by audiomaepp.tools.evaluate (keys 'model_name', 'tasks')")
 
 

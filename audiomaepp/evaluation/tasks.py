@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from audiomaepp.errors import UserError
+
 SAMPLE_RATE = 16000
 PREDICTION_TYPES = ("multiclass", "multilabel")
 METADATA_FILE = "task_metadata.json"
@@ -89,16 +91,16 @@ def read_task_metadata(task_dir: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(f"{path}: missing; a HEAR task folder needs {METADATA_FILE}")
   metadata = _read_json(path)
   if not isinstance(metadata, dict):
-    raise ValueError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
+    raise UserError(f"{path}: expected a JSON object, got {type(metadata).__name__}")
   splits = metadata.get("splits")
   if not isinstance(splits, list) or not splits or not all(isinstance(s, str) for s in splits):
-    raise ValueError(
+    raise UserError(
         f"{path}: field 'splits' must be a non-empty list of split names, got {splits!r}")
   if metadata.get("prediction_type") not in PREDICTION_TYPES:
-    raise ValueError(f"{path}: field 'prediction_type' must be one of {PREDICTION_TYPES}, "
+    raise UserError(f"{path}: field 'prediction_type' must be one of {PREDICTION_TYPES}, "
                      f"got {metadata.get('prediction_type')!r}")
   if "embedding_type" not in metadata:
-    raise ValueError(f"{path}: field 'embedding_type' is missing ('scene' or 'event')")
+    raise UserError(f"{path}: field 'embedding_type' is missing ('scene' or 'event')")
   return metadata
 
 
@@ -110,16 +112,16 @@ def read_vocabulary(task_dir: str | os.PathLike) -> list[str]:
   with open(path, newline="") as f:
     rows = list(csv.DictReader(f))
   if not rows or "idx" not in rows[0] or "label" not in rows[0]:
-    raise ValueError(f"{path}: expected a header 'idx,label' and at least one row")
+    raise UserError(f"{path}: expected a header 'idx,label' and at least one row")
   try:
     by_index = {int(r["idx"]): str(r["label"]) for r in rows}
   except ValueError as e:
-    raise ValueError(f"{path}: column idx must hold integers ({e})") from None
+    raise UserError(f"{path}: column idx must hold integers ({e})") from None
   if sorted(by_index) != list(range(len(rows))):
-    raise ValueError(f"{path}: idx must be 0..{len(rows) - 1} without gaps or repeats")
+    raise UserError(f"{path}: idx must be 0..{len(rows) - 1} without gaps or repeats")
   vocabulary = [by_index[i] for i in range(len(rows))]
   if len(set(vocabulary)) != len(vocabulary):
-    raise ValueError(f"{path}: labels must be unique")
+    raise UserError(f"{path}: labels must be unique")
   return vocabulary
 
 
@@ -131,7 +133,7 @@ def read_hear_task(task_dir: str | os.PathLike) -> HearTask:
   task_dir = pathlib.Path(task_dir)
   metadata = read_task_metadata(task_dir)
   if metadata["embedding_type"] != "scene":
-    raise ValueError(f"{task_dir / METADATA_FILE}: embedding_type {metadata['embedding_type']!r} "
+    raise UserError(f"{task_dir / METADATA_FILE}: embedding_type {metadata['embedding_type']!r} "
                      "is not supported; only 'scene' tasks are evaluated")
   vocabulary = read_vocabulary(task_dir)
   splits = {}
@@ -141,13 +143,13 @@ def read_hear_task(task_dir: str | os.PathLike) -> HearTask:
       raise FileNotFoundError(f"{path}: missing; split {split!r} is listed in {METADATA_FILE}")
     mapping = _read_json(path)
     if not isinstance(mapping, dict):
-      raise ValueError(f"{path}: expected an object mapping file name -> list of labels")
+      raise UserError(f"{path}: expected an object mapping file name -> list of labels")
     names = sorted(mapping)
     labels = []
     for name in names:
       row = mapping[name]
       if not isinstance(row, list):
-        raise ValueError(f"{path}: labels of {name!r} must be a list, got {row!r}")
+        raise UserError(f"{path}: labels of {name!r} must be a list, got {row!r}")
       labels.append([str(label) for label in row])
     _check_labels(labels, vocabulary, metadata["prediction_type"], str(path))
     audio_dir = task_dir / str(SAMPLE_RATE) / split
@@ -171,14 +173,14 @@ def data_splits(metadata: Mapping[str, Any]) -> list[dict[str, list[str]]]:
   if folds:
     folds = sorted(splits)
     if len(folds) < 3 or len(set(folds)) != len(folds):
-      raise ValueError(f"fold-based task needs at least 3 distinct folds, got {splits}")
+      raise UserError(f"fold-based task needs at least 3 distinct folds, got {splits}")
     k = len(folds)
     return [{"train": [f for j, f in enumerate(folds) if j not in (i, (i + 1) % k)],
              "valid": [folds[(i + 1) % k]],
              "test": [folds[i]]} for i in range(k)]
   missing = {"train", "valid", "test"} - set(splits)
   if missing:
-    raise ValueError(
+    raise UserError(
         f"split_mode {mode!r} needs splits train, valid and test; missing {sorted(missing)}")
   return [{"train": ["train"], "valid": ["valid"], "test": ["test"]}]
 
@@ -211,7 +213,7 @@ def write_task_embeddings(
   task_dir = pathlib.Path(out_dir) / task_name
   missing = [s for s in metadata["splits"] if s not in splits]
   if missing:
-    raise ValueError(f"{task_name}: no embeddings for splits {missing} listed in the metadata")
+    raise UserError(f"{task_name}: no embeddings for splits {missing} listed in the metadata")
   vocabulary = [str(label) for label in label_vocabulary]
   dims = set()
   checked = {}
@@ -220,16 +222,16 @@ def write_task_embeddings(
     labels = [[str(label) for label in row] for row in labels]
     filenames = [str(name) for name in filenames]
     if embeddings.ndim != 2 or not len(embeddings) == len(labels) == len(filenames):
-      raise ValueError(
+      raise UserError(
           f"{task_name}/{split}: expected embeddings (n, D) with n labels and n file names, "
           f"got {embeddings.shape}, {len(labels)} labels, {len(filenames)} names")
     if not np.all(np.isfinite(embeddings)):
-      raise ValueError(f"{task_name}/{split}: embeddings contain NaN or infinite values")
+      raise UserError(f"{task_name}/{split}: embeddings contain NaN or infinite values")
     _check_labels(labels, vocabulary, metadata["prediction_type"], f"{task_name}/{split}")
     dims.add(embeddings.shape[1])
     checked[split] = (embeddings, labels, filenames)
   if len(dims) > 1:
-    raise ValueError(f"{task_name}: embedding sizes differ between splits: {sorted(dims)}")
+    raise UserError(f"{task_name}: embedding sizes differ between splits: {sorted(dims)}")
   task_dir.mkdir(parents=True, exist_ok=True)
   # Removing the marker first keeps an interrupted rewrite from looking complete.
   (task_dir / METADATA_FILE).unlink(missing_ok=True)
@@ -272,18 +274,25 @@ def read_task_embeddings(task_dir: str | os.PathLike) -> TaskEmbeddings:
     labels = _read_json(task_dir / f"{split}.labels.json")
     filenames = _read_json(task_dir / f"{split}.filenames.json")
     if embeddings.ndim != 2 or embeddings.dtype != np.float32:
-      raise ValueError(
+      raise UserError(
           f"{path}: expected a (n, D) float32 array, got {embeddings.dtype} {embeddings.shape}")
     if not len(embeddings) == len(labels) == len(filenames):
-      raise ValueError(
+      raise UserError(
           f"{task_dir}/{split}: {len(embeddings)} embeddings, {len(labels)} label rows and "
           f"{len(filenames)} file names; they must match")
+    non_finite = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if non_finite.size:
+      row = int(non_finite[0])
+      raise UserError(
+          f"{path}: split {split!r} row {row} ({filenames[row]}) holds NaN or infinite values "
+          f"({non_finite.size} such rows); a probe trained on them scores at chance: embed the "
+          "task again")
     _check_labels(labels, vocabulary, metadata["prediction_type"],
                   f"{task_dir}/{split}.labels.json")
     splits[split] = SplitEmbeddings(embeddings, labels, filenames)
   dims = {s.embeddings.shape[1] for s in splits.values()}
   if len(dims) > 1:
-    raise ValueError(f"{task_dir}: embedding sizes differ between splits: {sorted(dims)}")
+    raise UserError(f"{task_dir}: embedding sizes differ between splits: {sorted(dims)}")
   return TaskEmbeddings(task_dir.name, metadata, vocabulary, splits)
 
 
@@ -293,9 +302,9 @@ def _check_labels(labels: Sequence[Sequence[str]], vocabulary: Sequence[str],
   for i, row in enumerate(labels):
     unknown = [label for label in row if label not in known]
     if unknown:
-      raise ValueError(f"{where}: row {i} has labels {unknown} that are not in the vocabulary")
+      raise UserError(f"{where}: row {i} has labels {unknown} that are not in the vocabulary")
     if prediction_type == "multiclass" and len(row) != 1:
-      raise ValueError(
+      raise UserError(
           f"{where}: row {i} has {len(row)} labels; a multiclass task needs exactly one")
 
 
@@ -306,7 +315,7 @@ def _read_json(path: pathlib.Path) -> Any:
   except FileNotFoundError:
     raise FileNotFoundError(f"{path}: missing") from None
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def _write_json(path: pathlib.Path, value: Any) -> None:

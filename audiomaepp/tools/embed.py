@@ -12,7 +12,6 @@ import collections
 import os
 from typing import Dict, List, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
@@ -20,7 +19,9 @@ import tqdm
 
 from audiomaepp import audio as audio_lib
 from audiomaepp import hear_api
+from audiomaepp.errors import UserError
 from audiomaepp.evaluation import tasks as tasks_lib
+from audiomaepp.tools import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir or imported-original directory.")
 _TASKS_DIR = flags.DEFINE_string("tasks_dir", None, "Folder of HEAR 2021 task folders.")
@@ -85,9 +86,9 @@ def embed_task(task_dir: str, model: hear_api.Model, output_dir: str,
 def main(argv):
   del argv
   if not _CHECKPOINT.value or not _OUTPUT_DIR.value:
-    raise app.UsageError("--checkpoint and --output_dir are required")
+    raise UserError("--checkpoint and --output_dir are required")
   if bool(_TASKS_DIR.value) == bool(_AUDIO.value):
-    raise app.UsageError("pass exactly one of --tasks_dir or --audio")
+    raise UserError("pass exactly one of --tasks_dir or --audio")
   model = hear_api.load_model(_CHECKPOINT.value, frame_layout=_FRAME_LAYOUT.value)
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
   if _AUDIO.value:
@@ -102,7 +103,7 @@ def main(argv):
   if _TASKS.value:
     names = [n for n in names if n in _TASKS.value or n.rsplit("-v", 1)[0] in _TASKS.value]
   if not names:
-    raise app.UsageError(f"no HEAR task folders (with task_metadata.json) in {_TASKS_DIR.value}")
+    raise UserError(f"no HEAR task folders (with task_metadata.json) in {_TASKS_DIR.value}")
   for name in names:
     out = embed_task(os.path.join(_TASKS_DIR.value, name), model, _OUTPUT_DIR.value,
                      _BATCH_SECONDS.value)
@@ -110,4 +111,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

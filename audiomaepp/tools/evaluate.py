@@ -14,13 +14,14 @@ import os
 import pathlib
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from audiomaepp.errors import UserError
 from audiomaepp.evaluation import probe
 from audiomaepp.evaluation import report
 from audiomaepp.evaluation import tasks as tasks_lib
+from audiomaepp.tools import cli
 
 _EMBEDDINGS_DIR = flags.DEFINE_string(
     "embeddings_dir", None, "Directory with one embedding folder per task.", required=True)
@@ -49,7 +50,7 @@ def main(argv):
   output_dir = pathlib.Path(_OUTPUT_DIR.value or embeddings_dir / "evaluation")
   model_name = _MODEL_NAME.value or embeddings_dir.resolve().name
   if _SEEDS.value < 1:
-    raise app.UsageError("--seeds must be at least 1")
+    raise UserError("--seeds must be at least 1")
   config = probe.ProbeConfig(max_epochs=_MAX_EPOCHS.value, standardize=_STANDARDIZE.value,
                              shuffle=_SHUFFLE.value)
   seeds = list(range(_SEEDS.value))
@@ -59,10 +60,10 @@ def main(argv):
   names = _TASKS.value or sorted(task_dirs)
   unknown = [n for n in names if n not in task_dirs]
   if unknown:
-    raise app.UsageError(f"no complete task folders {unknown} in {embeddings_dir}; "
+    raise UserError(f"no complete task folders {unknown} in {embeddings_dir}; "
                          f"found {sorted(task_dirs)}")
   if not names:
-    raise app.UsageError(f"{embeddings_dir} holds no task folders (each needs task_metadata.json)")
+    raise UserError(f"{embeddings_dir} holds no task folders (each needs task_metadata.json)")
 
   protocol = {**vars(config), "dropout_rates": list(config.dropout_rates)}
   (output_dir / "tasks").mkdir(parents=True, exist_ok=True)
@@ -113,4 +114,4 @@ def _write_json(path: pathlib.Path, value) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,12 +10,13 @@ With --original_args (the original builder's keyword arguments, as in the fixtur
 model. DIR then holds `config.json` and an Orbax checkpoint (step 0) with the parameters, the same
 layout `main.py` writes, so `audiomaepp.hear_api.load_model(DIR)` and `tools.embed` read it.
 """
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from audiomaepp import original
+from audiomaepp.errors import UserError
+from audiomaepp.tools import cli
 
 _WEIGHTS = flags.DEFINE_string("weights", None, "Original .pth (needs PyTorch) or .npz file.")
 _ORIGINAL_ARGS = flags.DEFINE_string("original_args", None,
@@ -27,9 +28,9 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory to write the wo
 def main(argv):
   del argv
   if not _WEIGHTS.value or not _OUTPUT_DIR.value:
-    raise app.UsageError("--weights and --output_dir are required")
+    raise UserError("--weights and --output_dir are required")
   if (_CONFIG.value is None) == (_ORIGINAL_ARGS.value is None):
-    raise app.UsageError("pass exactly one of --config or --original_args")
+    raise UserError("pass exactly one of --config or --original_args")
   config = original.import_to_workdir(_WEIGHTS.value, _OUTPUT_DIR.value, config=_CONFIG.value,
                                       original_args=_ORIGINAL_ARGS.value)
   logging.info("imported %s", _WEIGHTS.value)
@@ -38,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

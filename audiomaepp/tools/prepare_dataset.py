@@ -14,12 +14,13 @@ skipped and listed in OUT/audio_logmel/<version>/report.json. At cluster scale, 
 """
 import os
 
-from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
 from audiomaepp.data import builders
 from audiomaepp.data import sources
+from audiomaepp.errors import UserError
+from audiomaepp.tools import cli
 
 _AUDIO_DIR = flags.DEFINE_string("audio_dir", None, "Folder of audio files (searched recursively).",
                                  required=True)
@@ -50,12 +51,15 @@ def _beam_options(value: str):
 
 def main(argv):
   del argv
-  inputs = sources.Sources(
-      audio_dir=_AUDIO_DIR.value,
-      segments_csvs=tuple(sources.parse_segments_arg(v) for v in _SEGMENTS_CSV.value),
-      labels_csv=_LABELS_CSV.value,
-      eval_fraction=_EVAL_FRACTION.value,
-      min_duration_s=_MIN_DURATION_S.value)
+  try:
+    inputs = sources.Sources(
+        audio_dir=_AUDIO_DIR.value,
+        segments_csvs=tuple(sources.parse_segments_arg(v) for v in _SEGMENTS_CSV.value),
+        labels_csv=_LABELS_CSV.value,
+        eval_fraction=_EVAL_FRACTION.value,
+        min_duration_s=_MIN_DURATION_S.value)
+  except ValueError as e:  # a flag value the inputs cannot use
+    raise UserError(str(e)) from None
   tfds.disable_progress_bar()  # the builder shows one bar per split, with the skip count
   if os.path.exists(builders.dataset_dir(_OUTPUT_DIR.value)) and not _OVERWRITE.value:
     print("reusing the existing build (--overwrite rebuilds it)")
@@ -91,4 +95,4 @@ def summary(report: dict, max_listed: int = 10) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,13 +6,14 @@ import json
 import re
 from typing import Any, Dict
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 from ml_collections import config_flags
 
 from audiomaepp import models
+from audiomaepp.errors import UserError
+from audiomaepp.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -72,7 +73,10 @@ def table(model_config: Any) -> str:
 
 def main(argv):
   del argv
-  model_config = _CONFIG.value.model
+  try:
+    model_config = models.resolve_model_config(_CONFIG.value.model)
+  except ValueError as e:
+    raise UserError(str(e)) from None
   if _JSON.value:
     print(json.dumps(summarize(model_config), sort_keys=True))
   else:
@@ -81,4 +85,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

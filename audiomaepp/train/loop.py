@@ -10,7 +10,11 @@
   * a non-finite loss or gradient norm stops the run before it is checkpointed, so the latest
     checkpoint stays the last good one;
   * a failed checkpoint write (disk full, ...) is reported and its partial files removed; the
-    previous checkpoint stays restorable.
+    previous checkpoint stays restorable;
+  * resuming with another model than the one recorded in config.json is refused before anything is
+    restored or written; config.json is rewritten only once the run is accepted (restored);
+  * a workdir that is a file or not writable, or a dataset without the (non-empty) train split or,
+    when evaluating, eval split, fails before anything is compiled.
 """
 import dataclasses
 import functools
@@ -29,6 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from flax import traverse_util
 
 import audiomaepp
@@ -38,6 +43,7 @@ from audiomaepp import models
 from audiomaepp import parallel
 from audiomaepp import visualize
 from audiomaepp.data import pipeline
+from audiomaepp.errors import UserError
 from audiomaepp.train import optim
 from audiomaepp.train import step as step_lib
 
@@ -47,11 +53,12 @@ LOSS_CURVE_FILE = "loss_curve.png"
 EVAL_MASK_STREAM = 0x5EED
 
 
-class TrainingError(Exception):
-  """A run that cannot start or continue; the message is one line for the user."""
+class TrainingError(UserError):
+  """A run that cannot start or continue; the message is one line for the user (every CLI
+  prints it as `error: <message>`)."""
 
 
-class ConfigError(TrainingError, ValueError):
+class ConfigError(TrainingError):
   """The config is invalid (found before anything is compiled)."""
 
 
@@ -102,18 +109,84 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
     parallel.mesh_shape(config.mesh, num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  _check_data(config.data)
+  _check_data(config)
   return model_config
 
 
-def _check_data(data_config: ml_collections.ConfigDict) -> None:
-  """The dataset must exist (TFDS shards); the synthetic corpus is built later, by `run`."""
-  if data_config.source == "synthetic":
+def _check_data(config: ml_collections.ConfigDict) -> None:
+  """The dataset must exist (TFDS shards) and hold the train split and, when the run evaluates
+  (`eval_batches` > 0), the eval split, both non-empty. The synthetic corpus is built later, by
+  `run`, with both splits."""
+  data = config.data
+  if data.source == "synthetic":
     return
   try:
-    pipeline.dataset_path(data_config)
+    path = pipeline.dataset_path(data)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from None
+  splits = {"train_split": data.train_split}
+  if config.eval_batches > 0:
+    splits["eval_split"] = data.eval_split
+  for field, split in splits.items():
+    try:
+      problem = (f"split {split!r} of {path} is empty"
+                 if pipeline.num_examples(data, split) == 0 else None)
+    except ValueError as e:  # no such split
+      problem = str(e)
+    if problem:
+      hint = ("; set --config.eval_batches=0 to train without evaluation"
+              if field == "eval_split" else "")
+      raise ConfigError(f"config.data.{field}={split!r}: {problem}{hint}")
+
+
+# Model fields that change how the model is computed, not what: they may differ on resume.
+_IMPLEMENTATION_FIELDS = ("remat", "attention_impl")
+
+
+def _check_workdir(workdir: str) -> None:
+  """--workdir must be a directory (new, or of an earlier run)."""
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise ConfigError(f"--workdir={workdir} is a file; expected a directory (a new one, or the "
+                      "workdir of an earlier run to resume)")
+
+
+def _check_writable(workdir: str) -> None:
+  """Creates the workdir if needed and checks that files can be written into it."""
+  path = epath.Path(workdir)
+  probe = path / f".write_test.{jax.process_index()}"
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror or e}): checkpoints "
+                      "and metrics cannot be saved there; use a writable directory") from None
+
+
+def _check_same_model(workdir: str, model_config: models.ModelConfig) -> None:
+  """A workdir's checkpoints resume only with the model recorded in its config.json: another
+  architecture fails to restore, or (same parameter shapes, e.g. other num_heads) silently
+  computes something else. Fields in `_IMPLEMENTATION_FIELDS` may change."""
+  checkpoint_dir = epath.Path(workdir) / checkpointing.CHECKPOINT_DIR
+  record = epath.Path(workdir) / checkpointing.CONFIG_FILE
+  if not (record.exists() and checkpoint_dir.is_dir()
+          and any(p.name.isdigit() for p in checkpoint_dir.iterdir())):
+    return
+  try:
+    recorded = models.resolve_model_config(checkpointing.load_config(workdir).model)
+  except ValueError as e:
+    raise ConfigError(f"{record}: the recorded model is not valid ({e}); use a new workdir"
+                      ) from None
+  changed = [f.name for f in dataclasses.fields(recorded)
+             if f.name not in ("size", *_IMPLEMENTATION_FIELDS)
+             and getattr(recorded, f.name) != getattr(model_config, f.name)]
+  if changed:
+    differences = ", ".join(f"{name}={getattr(model_config, name)!r} (recorded "
+                            f"{getattr(recorded, name)!r})" for name in changed)
+    raise ConfigError(f"config.model differs from the model the checkpoints in {workdir} were "
+                      f"trained with: {differences}; resume with the recorded model, or use a "
+                      "new workdir")
 
 
 def _record_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -364,13 +437,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   `on_step(step)` is called as each step starts (main.py's host-loss report names it).
   """
   model_config = validate_config(config)
+  _check_workdir(workdir)
+  _check_same_model(workdir, model_config)
   try:
     pipeline.ensure_dataset(config.data)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from None
   is_main = jax.process_index() == 0
   if is_main:
-    _record_config(workdir, config)
+    _check_writable(workdir)
   mesh = parallel.create_mesh(config.mesh)
   model = models.build_model(model_config)
   num_train = pipeline.num_examples(config.data, config.data.train_split)
@@ -394,6 +469,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         with_shardings(abstract_rest, rest_sh))
   except RuntimeError as e:  # checkpoints exist, but none can be read
     raise TrainingError(str(e)) from None
+  if is_main:  # only now that the run is accepted
+    _record_config(workdir, config)
   if restored is None:
     state, start_step = init_train_state(model, tx, shardings, init_rng), 0
   else:
