@@ -141,8 +141,9 @@ def test_audioset_layout_gives_label_indices_and_splits(tmp_path):
   assert labels.names == ["Speech", "Male speech, man speaking", "Dog", "Music"]
   reasons = {s["file"]: s["reason"] for s in report["skipped_files"]}
   assert "no row" in reasons["balanced/notinanycsv.wav"]
-  assert "/m/zzzzz" in reasons["balanced/-5xOcMJpTUk.wav"]
-  assert report["segments_without_file"] == 2  # -1nilez17Dg, and the unknown-label row
+  assert reasons["balanced/-5xOcMJpTUk.wav"] == (
+      "unknown label id /m/zzzzz: not in class_labels_indices.csv")
+  assert report["segments_without_file"] == 1  # -1nilez17Dg (the unknown-label row has a file)
   assert (report["seen"], report["written"], report["skipped"]) == (5, 3, 2)
 
 

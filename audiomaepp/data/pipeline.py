@@ -1,7 +1,8 @@
 """Grain input pipeline: log-mel shards -> per-host batches -> one global array on the mesh.
 
 Per example (SPEC §2): the stored full-clip log-mel (float16) is standardised over the whole
-clip (NumPy std, as the original training parser), then cropped to `crop_frames`: a random
+clip (NumPy std, as the original training parser; the shards store each clip's mean and std, so
+only the crop is converted and standardised), then cropped to `crop_frames`: a random
 offset in [0, T - crop_frames) for training (the original's `randint` range, so the last offset
 is never drawn), the centre for evaluation. Clips shorter than `crop_frames` are first repeated
 along time. (The original calls `np.tile(spec, k)` on a (time, mel) array, which tiles the last
@@ -23,10 +24,12 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
 
 from audiomaepp.audio import features
 from audiomaepp.data import synthetic
 from audiomaepp.data import worker_memory
+from audiomaepp.errors import UserError
 
 # Grain workers import this module (to unpickle the operations below, or with the main module):
 # new shared-memory segments are registered with the resource tracker before they exist, in
@@ -86,6 +89,19 @@ def num_classes(data_config: ml_collections.ConfigDict) -> int:
   return _builder(data_config).info.features["labels"].feature.num_classes
 
 
+def num_workers(data_config: ml_collections.ConfigDict) -> int:
+  """Grain worker processes per host: `data_config.num_workers`, where -1 (auto) is all but two
+  of this process's cores when JAX runs on an accelerator and 0 (the main process) on CPU."""
+  requested = data_config.num_workers
+  if requested >= 0:
+    return requested
+  if requested != -1:
+    raise UserError(f"config.data.num_workers must be -1 (auto) or >= 0, got {requested}")
+  if jax.default_backend() == "cpu":
+    return 0
+  return max(0, len(os.sched_getaffinity(0)) - 2)
+
+
 def crop(spectrogram: np.ndarray, crop_frames: int,
          rng: Optional[np.random.Generator] = None) -> np.ndarray:
   """`(time, mel)` -> `(crop_frames, mel)`: random offset with `rng`, else the centre.
@@ -106,37 +122,54 @@ def crop(spectrogram: np.ndarray, crop_frames: int,
   return spectrogram[offset:offset + crop_frames]
 
 
-def _example(record: dict, spectrogram: np.ndarray, classes: int) -> dict:
-  example = {"spectrogram": spectrogram, "id": np.bytes_(record["id"])}
-  if classes:
-    multi_hot = np.zeros(classes, np.float32)
-    multi_hot[np.asarray(record["labels"], np.int64)] = 1.0
-    example["labels"] = multi_hot
-  return example
+def decode_record(serialized: bytes) -> dict:
+  """A serialized `audio_logmel` record -> `spectrogram` (a float16 view of the stored bytes),
+  `mean`, `std` (float32; None in version 1.0.0 shards, which lack them), `id`, `labels`.
+
+  Parses with the protocol buffer TFDS writes (`tf.train.Example`, without TensorFlow) and copies
+  nothing: the crop decides which frames become float32.
+  """
+  feature = tf_example_pb2.Example.FromString(serialized).features.feature
+  moments = [feature[k].float_list.value[0] if k in feature else None for k in ("mean", "std")]
+  return {"spectrogram": np.frombuffer(feature["spectrogram"].bytes_list.value[0],
+                                       np.float16).reshape(-1, features.N_MELS),
+          "mean": moments[0], "std": moments[1],
+          "id": feature["id"].bytes_list.value[0],
+          "labels": feature["labels"].int64_list.value}
 
 
-class _TrainCrop(grain.transforms.RandomMap):
-  """Standardise the whole clip, then a random crop (Grain seeds `rng` per record and epoch)."""
+def standardized_crop(record: dict, crop_frames: int,
+                      rng: Optional[np.random.Generator] = None) -> np.ndarray:
+  """The crop (`crop`) of the record's clip standardised with the clip's mean and std, as float32.
 
-  def __init__(self, crop_frames: int, classes: int):
+  Equal to `crop(features.standardize(clip))`: only the crop's frames are converted.
+  """
+  spectrogram, mean, std = record["spectrogram"], record["mean"], record["std"]
+  if mean is None:  # version 1.0.0 shards: the moments of the whole clip, here
+    mean, std = features.moments(spectrogram)
+  else:
+    mean, std = np.float32(mean), np.float32(std)
+  return (crop(spectrogram, crop_frames, rng).astype(np.float32) - mean) / (std + features.STD_EPS)
+
+
+class _Crop(grain.transforms.RandomMap):
+  """Serialized record -> example: a standardised random crop when `train`, else the centre crop
+  (Grain seeds `rng` per record and epoch)."""
+
+  def __init__(self, crop_frames: int, classes: int, train: bool):
     self._crop_frames = crop_frames
     self._classes = classes
+    self._train = train
 
-  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-    spectrogram = features.standardize(record["spectrogram"])
-    return _example(record, crop(spectrogram, self._crop_frames, rng), self._classes)
-
-
-class _EvalCrop(grain.transforms.Map):
-  """Standardise the whole clip, then the centre crop."""
-
-  def __init__(self, crop_frames: int, classes: int):
-    self._crop_frames = crop_frames
-    self._classes = classes
-
-  def map(self, record: dict) -> dict:
-    spectrogram = features.standardize(record["spectrogram"])
-    return _example(record, crop(spectrogram, self._crop_frames), self._classes)
+  def random_map(self, serialized: bytes, rng: np.random.Generator) -> dict:
+    record = decode_record(serialized)
+    spectrogram = standardized_crop(record, self._crop_frames, rng if self._train else None)
+    example = {"spectrogram": spectrogram, "id": np.bytes_(record["id"])}
+    if self._classes:
+      multi_hot = np.zeros(self._classes, np.float32)
+      multi_hot[np.asarray(record["labels"], np.int64)] = 1.0
+      example["labels"] = multi_hot
+    return example
 
 
 def create_dataset(data_config: ml_collections.ConfigDict, *, split: str, batch_size: int,
@@ -158,7 +191,8 @@ def create_dataset(data_config: ml_collections.ConfigDict, *, split: str, batch_
   shard_count = jax.process_count() if shard_count is None else shard_count
   builder = _builder(data_config)
   _check_split(builder, split)
-  source = builder.as_data_source(split=split)
+  source = builder.as_data_source(split=split,
+                                  deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
   classes = builder.info.features["labels"].feature.num_classes
   if len(source) < shard_count:
     raise ValueError(f"split {split!r} has {len(source)} records, fewer than the "
@@ -167,14 +201,15 @@ def create_dataset(data_config: ml_collections.ConfigDict, *, split: str, batch_
       num_records=len(source),
       shard_options=grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=False),
       shuffle=train, num_epochs=num_epochs, seed=seed)
-  crop_op = (_TrainCrop if train else _EvalCrop)(data_config.crop_frames, classes)
-  if data_config.num_workers > 0:
+  crop_op = _Crop(data_config.crop_frames, classes, train)
+  workers = num_workers(data_config)
+  if workers > 0:
     worker_memory.start_tracker_in_own_session()
   return grain.DataLoader(
       data_source=source, sampler=sampler,
       operations=[crop_op, grain.transforms.Batch(
           batch_size, drop_remainder=train if drop_remainder is None else drop_remainder)],
-      worker_count=data_config.num_workers,
+      worker_count=workers,
       worker_buffer_size=data_config.prefetch_buffer_size,
       read_options=grain.ReadOptions(num_threads=data_config.read_threads,
                                      prefetch_buffer_size=data_config.read_buffer_size))

@@ -122,10 +122,11 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
            if os.path.isdir(checkpoint_dir) else [])
   if not steps or not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
     return
-  recorded = checkpointing.load_config(workdir).data.num_workers
-  if recorded != config.data.num_workers:
+  recorded = pipeline.num_workers(checkpointing.load_config(workdir).data)
+  requested = pipeline.num_workers(config.data)  # -1 (auto) resolved on this host
+  if recorded != requested:
     raise ConfigError(
-        f"config.data.num_workers={config.data.num_workers} differs from {recorded}, the value "
+        f"config.data.num_workers={requested} differs from {recorded}, the value "
         f"the checkpoints in {workdir} were saved with (the data iterator state depends on it): "
         f"resume with --config.data.num_workers={recorded}, or use a new workdir")
 
