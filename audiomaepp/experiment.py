@@ -54,10 +54,11 @@ def data_config() -> ml_collections.ConfigDict:
   # cores where JAX runs on an accelerator, 0 on CPU (pipeline.num_workers resolves it).
   d.num_workers = -1
   d.prefetch_buffer_size = 2  # batches buffered per Grain worker process
-  # Record reads per process: threads and records read ahead. Grain's defaults (16, 500) cost
-  # more in bookkeeping than they save on local disks; raise them for network file systems.
-  d.read_threads = 4
-  d.read_buffer_size = 128
+  # Record reads per process: threads and records read ahead. Grain polls every record read
+  # ahead for each record it hands on, so bigger buffers cost CPU (benchmarks/input_pipeline.py:
+  # 128 records, 1,980 crops/s per core; 16, 2,890); raise them for network file systems.
+  d.read_threads = 2
+  d.read_buffer_size = 16
   d.synthetic_num_clips = 512  # size of the built-in corpus when source == 'synthetic'
   return d
 

@@ -149,7 +149,7 @@ def list_audio_files(audio_dir: str) -> tuple[list[str], list[tuple[str, str]]]:
     for name in files:
       if not name.startswith(".") and os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS:
         found.append(os.path.relpath(os.path.join(root, name), audio_dir).replace(os.sep, "/"))
-  return sorted(found), skipped
+  return sorted(found), sorted(skipped)
 
 
 def _ytid_candidates(stem: str) -> list[str]:
@@ -228,7 +228,8 @@ def encode_clip(clip: Clip, min_duration_s: float = DEFAULT_MIN_DURATION_S) -> E
     parts.append(stream.finish().astype(np.float16))
   except (audio.AudioError, ValueError) as e:
     return Encoded(clip, reason=str(e).replace(clip.path + ": ", ""))
-  spectrogram = np.concatenate(parts)
+  # C order, as the record stores it: the moments depend on the summation order.
+  spectrogram = np.ascontiguousarray(np.concatenate(parts))
   if not np.isfinite(spectrogram).all():
     # Finite samples can still overflow the float32 power spectrum (corrupt float files hold
     # values like 1e20); such a record would turn the training loss into NaN.
