@@ -126,26 +126,33 @@ class AudioLogmel(tfds.core.GeneratorBasedBuilder):
     generators = {}
     for split in listing.splits:
       clips = [c for c in listing.clips.get(split, []) if in_part(split, c.id, self._part)]
-      results = iter(tqdm.tqdm(self._encode_in_order(clips), total=len(clips),
-                               desc=f"{split:>5}", unit="file", disable=not self._progress))
+      results = self._encode_and_report(split, clips)
       # Encode until the first record: TFDS cannot write an empty split, so one is left out.
       for result in results:
-        self._report.add(split, result)
         if result.example is not None:
           generators[split] = itertools.chain([(result.clip.id, result.example)],
-                                              self._generate_examples(split, results))
+                                              self._generate_examples(results))
           break
     if not generators and self._part[1] == 1:
       raise UserError(f"no audio file under {self._sources.audio_dir} could be encoded: "
-                      + "; ".join(self._report.empty_reasons(split) for split in listing.splits))
+                      + "; ".join(self._report.empty_reason(split) for split in listing.splits))
     return generators
 
-  def _generate_examples(self, split: str,
-                results: Iterator[sources_lib.Encoded]) -> Iterator[tuple[str, dict]]:
+  def _generate_examples(
+      self, results: Iterator[sources_lib.Encoded]) -> Iterator[tuple[str, dict]]:
     for result in results:
-      self._report.add(split, result)
       if result.example is not None:
         yield result.clip.id, result.example
+
+  def _encode_and_report(self, split: str,
+                         clips: list[sources_lib.Clip]) -> Iterator[sources_lib.Encoded]:
+    """`_encode_in_order`, each outcome added to the report, with a progress bar."""
+    bar = tqdm.tqdm(self._encode_in_order(clips), total=len(clips), desc=f"{split:>5}",
+                    unit="file", disable=not self._progress)
+    for result in bar:
+      self._report.add(split, result)
+      bar.set_postfix(skipped=len(self._report.skipped), refresh=False)
+      yield result
 
   def _encode_in_order(self, clips: list[sources_lib.Clip]) -> Iterator[sources_lib.Encoded]:
     """`encode_clip` over `clips`, in order; in worker processes when `num_workers` > 0."""
@@ -212,7 +219,7 @@ class _Report:
     self.duration_s += float(result.example["duration"])
     self.conversions.update(result.conversions)
 
-  def empty_reasons(self, split: str) -> str:
+  def empty_reason(self, split: str) -> str:
     return _empty_reason(split, self.skipped)
 
   def as_dict(self, written_per_split: dict[str, int], part: tuple[int, int]) -> dict:
