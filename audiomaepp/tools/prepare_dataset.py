@@ -66,7 +66,8 @@ def main(argv):
       eval_fraction=_EVAL_FRACTION.value,
       min_duration_s=_MIN_DURATION_S.value)
   tfds.disable_progress_bar()  # the builder shows one bar per split, with the skip count
-  if os.path.exists(builders.dataset_dir(_OUTPUT_DIR.value)) and not _OVERWRITE.value:
+  data_dir = _OUTPUT_DIR.value if part[1] == 1 else builders.part_dir(_OUTPUT_DIR.value, part)
+  if os.path.exists(builders.dataset_dir(data_dir)) and not _OVERWRITE.value:
     print("reusing the existing build (--overwrite rebuilds it)")
   builder, report = builders.build(inputs, _OUTPUT_DIR.value, num_workers=_NUM_WORKERS.value,
                                    overwrite=_OVERWRITE.value, part=part)
