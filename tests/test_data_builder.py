@@ -12,6 +12,8 @@ from audiomaepp.data import builders
 from audiomaepp.data import pipeline
 from audiomaepp.data import sources
 from audiomaepp import experiment
+from audiomaepp.errors import UserError
+from audiomaepp.tools import prepare_dataset
 
 
 def _tone(seconds, rate=16000, freq=440.0, channels=1):
@@ -141,8 +143,9 @@ def test_audioset_layout_gives_label_indices_and_splits(tmp_path):
   assert labels.names == ["Speech", "Male speech, man speaking", "Dog", "Music"]
   reasons = {s["file"]: s["reason"] for s in report["skipped_files"]}
   assert "no row" in reasons["balanced/notinanycsv.wav"]
-  assert "/m/zzzzz" in reasons["balanced/-5xOcMJpTUk.wav"]
-  assert report["segments_without_file"] == 2  # -1nilez17Dg, and the unknown-label row
+  assert reasons["balanced/-5xOcMJpTUk.wav"] == (
+      "unknown label id /m/zzzzz: not in class_labels_indices.csv")
+  assert report["segments_without_file"] == 1  # -1nilez17Dg (the unknown-label row has a file)
   assert (report["seen"], report["written"], report["skipped"]) == (5, 3, 2)
 
 
@@ -195,3 +198,128 @@ def test_bad_sources_are_rejected(tmp_path):
   (tmp_path / "labels.csv").write_text("a,b\n1,2\n")
   with pytest.raises(ValueError, match="index,mid,display_name"):
     sources.read_label_index(str(tmp_path / "labels.csv"))
+
+
+def _folder_with_eval_files_broken(folder, num_files=6, eval_fraction=0.2):
+  """Good tones for 'train'; the files the hash holds out for 'eval' are not audio."""
+  folder.mkdir(parents=True)
+  for i in range(num_files):
+    (folder / f"clip{i}.wav").write_bytes(b"")
+  held_out = sources.list_clips(sources.Sources(str(folder), eval_fraction=eval_fraction))
+  for clip in held_out.clips["train"]:
+    sf.write(clip.path, _tone(0.5, freq=200 + 50 * len(clip.id)), 16000)
+  for clip in held_out.clips["eval"]:
+    (folder / clip.file).write_bytes(b"RIFF not audio")
+  return sources.Sources(str(folder), eval_fraction=eval_fraction), held_out
+
+
+def test_split_of_only_unreadable_files_is_reported_and_the_rest_written(tmp_path):
+  inputs, listing = _folder_with_eval_files_broken(tmp_path / "audio")
+  (bad,) = [c.file for c in listing.clips["eval"]]
+  builder, report = builders.build(inputs, str(tmp_path / "out"), progress=False)
+  assert report["written_per_split"] == {"train": 5}
+  assert (report["seen"], report["written"], report["skipped"]) == (6, 5, 1)
+  assert report["skipped_per_split"] == {"eval": 1}
+  assert list(report["empty_splits"]) == ["eval"]
+  assert report["empty_splits"]["eval"].startswith(
+      f"split 'eval': all 1 of its files were skipped, e.g. {bad}: undecodable audio")
+  assert sorted(tfds.builder_from_directory(builder.data_path).info.splits) == ["train"]
+  assert len(_records(builder.data_path, "train")) == 5
+  assert (f"WARNING: split 'eval': all 1 of its files were skipped, e.g. {bad}: undecodable"
+          in prepare_dataset.summary(report))
+
+
+def test_nothing_to_write_is_one_line_naming_each_split(tmp_path):
+  folder = tmp_path / "audio"
+  folder.mkdir()
+  for name in ("a.wav", "b.wav", "c.wav"):
+    (folder / name).write_bytes(b"RIFF not audio")
+  with pytest.raises(UserError) as raised:
+    builders.build(sources.Sources(str(folder), eval_fraction=0.3), str(tmp_path / "out"),
+                   progress=False)
+  message = str(raised.value)
+  assert "\n" not in message and message.startswith(f"no audio file under {folder} could be")
+  assert "split 'eval': all 1 of its files" in message
+  assert "split 'train': all 2 of its files" in message
+
+
+def test_labels_missing_from_the_class_csv_give_the_true_reason_and_counts(tmp_path):
+  inputs = _audioset_layout(tmp_path)
+  (tmp_path / "class_labels_indices.csv").write_text(  # no /m/0bt9lr (Dog), nor /m/zzzzz
+      LABELS_CSV.replace('2,/m/0bt9lr,"Dog"\n3,', "2,"))
+  _, report = builders.build(inputs, str(tmp_path / "out"), progress=False)
+  reasons = {s["file"]: (s["split"], s["reason"]) for s in report["skipped_files"]}
+  assert reasons == {
+      "balanced/-0RWZT-miFs_420000.flac": (
+          "train", "unknown label id /m/0bt9lr: not in class_labels_indices.csv"),
+      "balanced/-5xOcMJpTUk.wav": (
+          "train", "unknown label id /m/zzzzz: not in class_labels_indices.csv"),
+      "balanced/notinanycsv.wav": (None, "no row for this file in the segments CSVs"),
+      "eval/-0SdAVK79lg.wav": (
+          "eval", "unknown label id /m/0bt9lr: not in class_labels_indices.csv"),
+  }
+  assert (report["seen"], report["written"], report["skipped"]) == (5, 1, 4)
+  assert report["written_per_split"] == {"train": 1}
+  assert report["skipped_per_split"] == {"eval": 1, "none": 1, "train": 2}
+  assert report["segments_without_file"] == 1  # -1nilez17Dg only: the other rows have files
+  assert report["empty_splits"] == {"eval": (
+      "split 'eval': all 1 of its files were skipped, e.g. eval/-0SdAVK79lg.wav: unknown label "
+      "id /m/0bt9lr: not in class_labels_indices.csv")}
+  summary = prepare_dataset.summary(report)
+  assert "1 CSV segments have no audio file" in summary
+  assert summary.splitlines()[-1].startswith("WARNING: split 'eval': all 1 of its files")
+
+
+def test_directory_links_are_followed_once_and_loops_reported(tmp_path):
+  folder, outside = tmp_path / "audio", tmp_path / "elsewhere"
+  (folder / "real").mkdir(parents=True)
+  outside.mkdir()
+  sf.write(folder / "real" / "a.wav", _tone(0.5), 16000)
+  sf.write(outside / "b.wav", _tone(0.5, freq=300), 16000)
+  (folder / "linked").symlink_to(outside, target_is_directory=True)
+  (folder / "real" / "loop").symlink_to(folder, target_is_directory=True)
+  (folder / "twin").symlink_to(folder / "real", target_is_directory=True)
+  files, skipped_dirs = sources.list_audio_files(str(folder))
+  assert files == ["linked/b.wav", "real/a.wav"]
+  assert skipped_dirs == [("real/loop/", "directory link to ./, which is already read"),
+                          ("twin/", "directory link to real/, which is already read")]
+  builder, report = builders.build(sources.Sources(str(folder), eval_fraction=0.0),
+                                   str(tmp_path / "out"), progress=False)
+  assert sorted(_records(builder.data_path, "train")) == ["linked/b.wav", "real/a.wav"]
+  assert report["skipped_directories"] == [
+      {"directory": "real/loop/", "reason": "directory link to ./, which is already read"},
+      {"directory": "twin/", "reason": "directory link to real/, which is already read"}]
+  assert "skipped directory twin/: directory link to real/" in prepare_dataset.summary(report)
+
+
+def test_parts_built_separately_and_merged_equal_a_one_machine_build(tmp_path):
+  folder = tmp_path / "audio"
+  folder.mkdir()
+  for i in range(9):
+    sf.write(folder / f"clip{i}.wav", _tone(0.3 + 0.05 * i, freq=150 + 40 * i), 16000)
+  (folder / "broken.wav").write_bytes(b"RIFF not audio")
+  inputs = sources.Sources(str(folder), eval_fraction=0.3)
+  whole, whole_report = builders.build(inputs, str(tmp_path / "one"), progress=False)
+  for part in range(3):  # three "machines", each writing only its own part
+    builders.build(inputs, str(tmp_path / "many"), part=(part, 3), progress=False)
+  merged, report = builders.merge_parts(str(tmp_path / "many"), 3)
+  assert not (tmp_path / "many" / builders.PARTS_DIR).exists()
+  assert merged.data_dir == builders.dataset_dir(str(tmp_path / "many"))
+  for split in ("train", "eval"):
+    a = tfds.builder_from_directory(whole.data_path).as_data_source(split=split)
+    b = tfds.builder_from_directory(merged.data_dir).as_data_source(split=split)
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):  # the same records in the same order
+      assert x.keys() == y.keys() and x["id"] == y["id"]
+      for key in x:
+        np.testing.assert_array_equal(x[key], y[key])
+  for key in ("seen", "written", "skipped", "written_per_split", "skipped_per_split",
+              "empty_splits", "conversions", "segments_without_file"):
+    assert report[key] == whole_report[key], key
+  assert report["total_duration_s"] == pytest.approx(whole_report["total_duration_s"])
+  assert report["skipped_files"] == whole_report["skipped_files"]
+
+
+def test_merge_names_the_parts_not_built_yet(tmp_path):
+  with pytest.raises(UserError, match=r"parts \[0, 1\] of 2 are not built yet"):
+    builders.merge_parts(str(tmp_path), 2)

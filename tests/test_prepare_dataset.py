@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def test_cli_builds_prints_counts_and_reuses(tmp_path):
   stdout = _run(*args)
   assert "seen 5  written 4  skipped 1  (eval: 1, train: 3; 4 s of audio)" in stdout
   assert "skipped broken.wav: undecodable" in stdout
-  report_path = out / "audio_logmel" / "1.0.0" / "report.json"
+  report_path = out / "audio_logmel" / "1.1.0" / "report.json"
   report = json.loads(report_path.read_text())
   assert (report["seen"], report["written"], report["skipped"]) == (5, 4, 1)
   assert f"report: {report_path}" in stdout
@@ -41,3 +42,22 @@ def test_cli_builds_prints_counts_and_reuses(tmp_path):
   summary = stdout[stdout.index("dataset: "):]
   again = _run(*args)  # the existing build is reused, with its report
   assert again.startswith("reusing the existing build") and again.endswith(summary)
+
+
+@pytest.mark.slow  # three CLI processes (~25 s); test_data_builder checks the merged records
+def test_cli_builds_parts_separately_then_merges_them(tmp_path):
+  audio_dir = tmp_path / "audio"
+  audio_dir.mkdir()
+  t = np.arange(8000) / 16000
+  for i in range(6):
+    sf.write(audio_dir / f"tone{i}.wav", 0.3 * np.sin(2 * np.pi * 150 * (i + 1) * t), 16000)
+  out = tmp_path / "out"
+  common = (f"--audio_dir={audio_dir}", f"--output_dir={out}", "--num_workers=0",
+            "--eval_fraction=0.2", "--num_parts=2")
+  for part in range(2):  # as two machines would, each with its own --part
+    assert f"parts/{part}-of-2" in _run(*common, f"--part={part}")
+  stdout = _run(f"--output_dir={out}", "--num_parts=2", "--merge")
+  assert "seen 6  written 6  skipped 0  (eval: 1, train: 5; 3 s of audio)" in stdout
+  report = json.loads((out / "audio_logmel" / "1.1.0" / "report.json").read_text())
+  assert report["parts"] == 2 and report["written_per_split"] == {"eval": 1, "train": 5}
+  assert not (out / "parts").exists()

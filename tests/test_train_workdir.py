@@ -72,8 +72,8 @@ def test_dataset_without_eval_split_fails_at_validation(config, data_dir):
   with pytest.raises(train.ConfigError) as error:
     train.validate_config(config)
   assert str(error.value) == (
-      f"config.data.eval_split='eval': split 'eval' not in {data_dir}/audio_logmel/1.0.0; it has "
-      "['train']; set --config.eval_batches=0 to train without evaluation")
+      f"config.data.eval_split='eval': split 'eval' not in "
+      f"{builders.dataset_dir(str(data_dir))}; it has ['train']; set --config.eval_batches=0 to train without evaluation")
   config.eval_batches = 0  # training without evaluation needs no eval split
   assert train.validate_config(config).width == 64
 

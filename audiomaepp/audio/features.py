@@ -193,6 +193,18 @@ def log_mel_file(path: str, dtype: np.dtype = np.float32) -> np.ndarray:
   return np.concatenate(parts)
 
 
+def moments(spec: Array, ddof: int = 0) -> tuple[Array, Array]:
+  """Per-clip `(mean, std)` over the last two axes `(time, mel)`, kept as `(..., 1, 1)`.
+
+  NumPy input is computed in float32. The shard builder stores these for every clip, so
+  `(crop - mean) / (std + STD_EPS)` of any crop equals the crop of `standardize(clip)` exactly.
+  """
+  if not isinstance(spec, jax.Array):
+    spec = np.asarray(spec, np.float32)
+  return (spec.mean(axis=(-2, -1), keepdims=True),
+          spec.std(axis=(-2, -1), ddof=ddof, keepdims=True))
+
+
 def standardize(spec: Array, ddof: int = 0) -> Array:
   """Per-clip standardisation `(x - mean) / (std + 1e-8)` over the last two axes `(time, mel)`.
 
@@ -202,8 +214,7 @@ def standardize(spec: Array, ddof: int = 0) -> Array:
   """
   if not isinstance(spec, jax.Array):
     spec = np.asarray(spec, np.float32)
-  mean = spec.mean(axis=(-2, -1), keepdims=True)
-  std = spec.std(axis=(-2, -1), ddof=ddof, keepdims=True)
+  mean, std = moments(spec, ddof)
   return (spec - mean) / (std + STD_EPS)
 
 

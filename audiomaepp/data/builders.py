@@ -1,60 +1,90 @@
 """TFDS builder of full-clip log-mel shards (ArrayRecord; no TensorFlow at build or read time).
 
 Each record: `spectrogram` (frames, 80) float16, the unnormalised log-mel of the whole clip
-(stored as raw bytes plus its shape), `id` (YTID, or the path relative to the audio folder),
-`duration` (seconds, after decoding at 16 kHz) and `labels` (class indices; empty without
-labels). Splits 'train' and 'eval' as `audiomaepp.data.sources` assigns them. Records are written
-in TFDS's deterministic key-hash order, so the same inputs give identical shards.
+(stored as raw bytes plus its shape), `mean` and `std` (float32, `audio.moments` of those
+float16 values, so training standardises only its crop), `id` (YTID, or the path relative to
+the audio folder), `duration` (seconds, after decoding at 16 kHz) and `labels` (class indices;
+empty without labels). Splits 'train' and 'eval' as `audiomaepp.data.sources` assigns them.
+Records are uncompressed (reading is a third of the cost of zstd's, for ~25 % more disk) and
+written in TFDS's deterministic key-hash order, so the same inputs give identical shards.
 
-Bad files never stop a build: `report.json` next to the shards lists each skipped file with its
-reason and counts the files seen, written and skipped, and the conversions applied (resampling,
-downmixing). With Apache Beam (`use_beam`, docs/data.md) files are encoded on the Beam workers,
-which log the reasons for their skips instead.
+Bad inputs never stop a build: `report.json` next to the shards lists each skipped file with its
+split and reason, counts the files seen, written and skipped, and the conversions applied
+(resampling, downmixing). A split whose files were all skipped is not written: it is listed in
+`empty_splits` with the reason, and only a build with nothing to write at all fails.
+
+Many machines: part `i` of `n` (`build(..., part=(i, n))`, one process per part, on any machine
+that sees the audio folder) encodes only the clips whose TFDS key hash falls in the i-th of n
+equal hash ranges, into `<data_dir>/parts/<i>-of-<n>`; `merge_parts(data_dir, n)` then links
+the parts' shards into one dataset. TFDS orders records by key hash, so the merged dataset holds
+the records of a one-machine build, in the same order.
 """
 import collections
 from concurrent import futures
 import functools
+import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import tempfile
 from typing import Any, Iterator, Optional
 
 from absl import logging
+from array_record.python import array_record_module
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import hashing
+from tensorflow_datasets.core import writer as writer_lib
 import tqdm
 
 from audiomaepp.audio import features
 from audiomaepp.data import sources as sources_lib
+from audiomaepp.errors import UserError
 
 NAME = "audio_logmel"
 REPORT_FILE = "report.json"
+PARTS_DIR = "parts"
+_ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
+_HASH_RANGE = 2**128  # TFDS key hashes are 128-bit MD5s
+
+
+class _ArrayRecordWriter(writer_lib.ExampleWriter):
+  """TFDS's ArrayRecord writer (one record per group), without compression."""
+
+  def __init__(self):
+    super().__init__(tfds.core.FileFormat.ARRAY_RECORD)
+
+  def write(self, path: epath.PathLike, examples: Any) -> None:
+    writer = array_record_module.ArrayRecordWriter(os.fspath(path), _ARRAY_RECORD_OPTIONS)
+    for _, serialized in examples:
+      writer.write(serialized)
+    writer.close()
 
 
 class AudioLogmel(tfds.core.GeneratorBasedBuilder):
   """Full-clip float16 log-mels of a folder of audio files, with AudioSet labels when given."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Full-clip float16 log-mel (SPEC §1), id, duration, labels."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Full-clip float16 log-mel (SPEC §1), id, duration, labels.",
+      "1.1.0": "Per-clip mean and std; uncompressed records (for fast crops).",
+  }
   # TFDS finds a builder's source through the `importlib_resources` backport, which it only
   # requires (and pip only installs) on Python < 3.9; tell it directly.
   code_path = epath.Path(__file__)
 
   def __init__(self, *, sources: Optional[sources_lib.Sources] = None, num_workers: int = 0,
-               use_beam: bool = False, progress: bool = True, **kwargs: Any):
+               part: tuple[int, int] = (0, 1), progress: bool = True, **kwargs: Any):
     """`sources` is needed to build, not to read an existing dataset; kwargs go to TFDS."""
     self._sources = sources
     self._num_workers = num_workers
-    self._use_beam = use_beam
+    self._part = part
     self._progress = progress
     self._report = _Report()
     self._executor = None
     super().__init__(**kwargs)
-    # Beam pickles builders through `_original_state`; keep the build arguments in it.
-    self._original_state.update(sources=sources, num_workers=num_workers, use_beam=use_beam,
-                                progress=progress)
 
   def _info(self) -> tfds.core.DatasetInfo:
     mids, names = None, None  # reading: ClassLabel restores its names from the dataset files
@@ -74,6 +104,8 @@ class AudioLogmel(tfds.core.GeneratorBasedBuilder):
         features=tfds.features.FeaturesDict({
             "spectrogram": tfds.features.Tensor(shape=(None, features.N_MELS), dtype=np.float16,
                                                 encoding=tfds.features.Encoding.BYTES),
+            "mean": tfds.features.Scalar(dtype=np.float32),
+            "std": tfds.features.Scalar(dtype=np.float32),
             "id": tfds.features.Text(),
             "duration": tfds.features.Scalar(dtype=np.float32),
             "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=names)),
@@ -81,41 +113,46 @@ class AudioLogmel(tfds.core.GeneratorBasedBuilder):
         metadata=metadata,
     )
 
+  def _example_writer(self) -> writer_lib.ExampleWriter:
+    return _ArrayRecordWriter()
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+    """One generator per split that has a record; the others go to the report, not to TFDS."""
     del dl_manager  # inputs are local files
     if self._sources is None:
       raise ValueError(f"{NAME}: building needs `sources` (the audio folder and CSVs)")
     listing = sources_lib.list_clips(self._sources)
-    self._report.start(listing)
-    if not listing.clips:
-      raise ValueError(f"no usable audio files under {self._sources.audio_dir} "
-                       f"({listing.num_files} found, {len(listing.skipped)} skipped at listing: "
-                       f"{listing.skipped[:3]})")
-    return {split: self._generate_examples(split, clips)
-            for split, clips in listing.clips.items()}
+    self._report.start(listing, with_listing=self._part[0] == 0)
+    generators = {}
+    for split in listing.splits:
+      clips = [c for c in listing.clips.get(split, []) if in_part(split, c.id, self._part)]
+      results = self._encode_and_report(split, clips)
+      # Encode until the first record: TFDS cannot write an empty split, so one is left out.
+      for result in results:
+        if result.example is not None:
+          generators[split] = itertools.chain([(result.clip.id, result.example)],
+                                              self._generate_examples(results))
+          break
+    if not generators and self._part[1] == 1:
+      raise UserError(f"no audio file under {self._sources.audio_dir} could be encoded: "
+                      + "; ".join(self._report.empty_reason(split) for split in listing.splits))
+    return generators
 
-  def _generate_examples(self, split: str, clips: list[sources_lib.Clip]) -> Any:
-    if self._use_beam:
-      beam = tfds.core.lazy_imports.apache_beam
-      return (beam.Create(clips)
-              | beam.FlatMap(_encode_for_beam, min_duration_s=self._sources.min_duration_s))
-    return self._encode_locally(split, clips)
+  def _generate_examples(
+      self, results: Iterator[sources_lib.Encoded]) -> Iterator[tuple[str, dict]]:
+    for result in results:
+      if result.example is not None:
+        yield result.clip.id, result.example
 
-  def _encode_locally(self, split: str,
-                      clips: list[sources_lib.Clip]) -> Iterator[tuple[str, dict]]:
-    written = 0
+  def _encode_and_report(self, split: str,
+                         clips: list[sources_lib.Clip]) -> Iterator[sources_lib.Encoded]:
+    """`_encode_in_order`, each outcome added to the report, with a progress bar."""
     bar = tqdm.tqdm(self._encode_in_order(clips), total=len(clips), desc=f"{split:>5}",
                     unit="file", disable=not self._progress)
     for result in bar:
       self._report.add(split, result)
-      bar.set_postfix(skipped=self._report.num_skipped, refresh=False)
-      if result.example is not None:
-        written += 1
-        yield result.clip.id, result.example
-    if not written:
-      reasons = [r for r in self._report.skipped if r["split"] == split][:3]
-      raise ValueError(f"split {split!r}: none of its {len(clips)} files could be encoded, "
-                       f"e.g. {reasons}")
+      bar.set_postfix(skipped=len(self._report.skipped), refresh=False)
+      yield result
 
   def _encode_in_order(self, clips: list[sources_lib.Clip]) -> Iterator[sources_lib.Encoded]:
     """`encode_clip` over `clips`, in order; in worker processes when `num_workers` > 0."""
@@ -147,19 +184,17 @@ class AudioLogmel(tfds.core.GeneratorBasedBuilder):
         self._executor = None
     # `data_path` is still the incomplete directory here, renamed with the shards on success.
     sizes = {name: info.num_examples for name, info in self.info.splits.items()}
-    (self.data_path / REPORT_FILE).write_text(
-        json.dumps(self._report.as_dict(sizes, beam=self._use_beam), indent=2) + "\n")
+    report = self._report.as_dict(sizes, part=self._part)
+    for split, reason in report["empty_splits"].items():
+      logging.warning("split %r is empty and was not written: %s", split, reason)
+    (self.data_path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _encode_for_beam(clip: sources_lib.Clip, min_duration_s: float):
-  beam = tfds.core.lazy_imports.apache_beam
-  result = sources_lib.encode_clip(clip, min_duration_s)
-  if result.example is None:
-    beam.metrics.Metrics.counter(NAME, "skipped").inc()
-    logging.warning("skipped %s: %s", clip.path, result.reason)
-    return
-  beam.metrics.Metrics.counter(NAME, "written").inc()
-  yield clip.id, result.example
+def in_part(split: str, key: str, part: tuple[int, int]) -> bool:
+  """Whether record `key` of `split` belongs to part `part[0]` of `part[1]`: its TFDS key hash
+  (MD5 salted with the split name, which orders the records) falls in that part's hash range."""
+  index, count = part
+  return hashing.Hasher(split).hash_key(key) * count // _HASH_RANGE == index
 
 
 class _Report:
@@ -171,13 +206,11 @@ class _Report:
     self.duration_s = 0.0
     self._listing = None
 
-  @property
-  def num_skipped(self) -> int:
-    return len(self.skipped)
-
-  def start(self, listing: sources_lib.Listing) -> None:
+  def start(self, listing: sources_lib.Listing, with_listing: bool) -> None:
+    """`with_listing`: report the files skipped at listing (every part lists; one reports)."""
     self._listing = listing
-    self.skipped = [{"file": f, "split": None, "reason": r} for f, r in listing.skipped]
+    self.skipped = [{"file": f, "split": s, "reason": r}
+                    for f, s, r in (listing.skipped if with_listing else [])]
 
   def add(self, split: str, result: sources_lib.Encoded) -> None:
     if result.example is None:
@@ -186,24 +219,49 @@ class _Report:
     self.duration_s += float(result.example["duration"])
     self.conversions.update(result.conversions)
 
-  def as_dict(self, written_per_split: dict[str, int], beam: bool) -> dict:
-    """The report; `written_per_split` from the finished dataset (exact in either mode)."""
-    written = sum(written_per_split.values())
+  def empty_reason(self, split: str) -> str:
+    return _empty_reason(split, self.skipped)
+
+  def as_dict(self, written_per_split: dict[str, int], part: tuple[int, int]) -> dict:
+    """The report; `written_per_split` from the finished dataset."""
     report = {
         "seen": self._listing.num_files,
-        "written": written,
-        "skipped": self._listing.num_files - written,
+        "written": sum(written_per_split.values()),
+        "skipped": len(self.skipped),
+        "splits": list(self._listing.splits),
         "written_per_split": dict(sorted(written_per_split.items())),
-        "total_duration_s": None if beam else round(self.duration_s, 3),
+        "skipped_per_split": _skipped_per_split(self.skipped),
+        "empty_splits": {},
+        "total_duration_s": round(self.duration_s, 3),
         "segments_without_file": self._listing.missing,
-        "conversions": None if beam else dict(sorted(self.conversions.items())),
+        "conversions": dict(sorted(self.conversions.items())),
         "skipped_files": self.skipped,
+        "skipped_directories": [{"directory": d, "reason": r}
+                                for d, r in self._listing.skipped_dirs],
     }
-    if beam:
-      report["note"] = ("built with Apache Beam: skipped_files lists only the files skipped "
-                        "before decoding; the reasons for the others are in the Beam workers' "
-                        f"logs (metric {NAME}/skipped)")
+    if part[1] > 1:
+      report["part"] = list(part)
+    else:
+      report["empty_splits"] = _empty_splits(report)
     return report
+
+
+def _skipped_per_split(skipped: list[dict]) -> dict[str, int]:
+  counts = collections.Counter(s["split"] or "none" for s in skipped)
+  return dict(sorted(counts.items()))
+
+
+def _empty_reason(split: str, skipped: list[dict]) -> str:
+  mine = [s for s in skipped if s["split"] == split]
+  if not mine:
+    return f"split {split!r}: no audio file was assigned to it"
+  return (f"split {split!r}: all {len(mine)} of its files were skipped, e.g. "
+          f"{mine[0]['file']}: {mine[0]['reason']}")
+
+
+def _empty_splits(report: dict) -> dict[str, str]:
+  return {split: _empty_reason(split, report["skipped_files"])
+          for split in report["splits"] if split not in report["written_per_split"]}
 
 
 def dataset_dir(data_dir: str) -> str:
@@ -211,17 +269,25 @@ def dataset_dir(data_dir: str) -> str:
   return os.path.join(data_dir, NAME, str(AudioLogmel.VERSION))
 
 
+def part_dir(data_dir: str, part: tuple[int, int]) -> str:
+  """The TFDS `data_dir` of part `part[0]` of `part[1]` of a build into `data_dir`."""
+  return os.path.join(data_dir, PARTS_DIR, f"{part[0]}-of-{part[1]}")
+
+
 def build(sources: sources_lib.Sources, data_dir: str, *, num_workers: int = 0,
-          overwrite: bool = False, beam_options: Any = None,
-          progress: bool = True) -> tuple[AudioLogmel, dict]:
+          overwrite: bool = False, progress: bool = True,
+          part: tuple[int, int] = (0, 1)) -> tuple[AudioLogmel, dict]:
   """Builds (or reuses) the dataset `data_dir/audio_logmel/<version>`; returns it and its report.
 
-  An existing build is reused unless `overwrite`. `beam_options` (Beam `PipelineOptions`) runs
-  the encoding as an Apache Beam pipeline instead of `num_workers` local processes.
+  An existing build is reused unless `overwrite`. `part=(i, n)` with n > 1 builds only part i
+  into `part_dir(data_dir, part)` (one shard per split); `merge_parts` assembles the parts.
   """
-  builder = AudioLogmel(sources=sources, num_workers=num_workers,
-                        use_beam=beam_options is not None, progress=progress,
-                        data_dir=data_dir, file_format="array_record")
+  index, count = part
+  if not 0 <= index < count:
+    raise UserError(f"part {index} of {count}: expected 0 <= part < num_parts")
+  builder = AudioLogmel(sources=sources, num_workers=num_workers, part=part, progress=progress,
+                        data_dir=data_dir if count == 1 else part_dir(data_dir, part),
+                        file_format="array_record")
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   # TFDS wants a download directory even when nothing is downloaded; keep it out of data_dir.
@@ -229,8 +295,85 @@ def build(sources: sources_lib.Sources, data_dir: str, *, num_workers: int = 0,
     builder.download_and_prepare(
         download_dir=download_dir,
         download_config=tfds.download.DownloadConfig(
-            download_mode=mode, beam_options=beam_options, try_download_gcs=False))
+            download_mode=mode, try_download_gcs=False, num_shards=1 if count > 1 else None))
   return builder, read_report(str(builder.data_path))
+
+
+def merge_parts(data_dir: str, num_parts: int) -> tuple[tfds.core.DatasetBuilder, dict]:
+  """Assembles the `num_parts` parts built into `data_dir` into one dataset; returns it and the
+  merged report. Shards are hard-linked (copied across file systems), then `parts/` is removed.
+  """
+  parts = [os.path.join(part_dir(data_dir, (i, num_parts)), NAME, str(AudioLogmel.VERSION))
+           for i in range(num_parts)]
+  missing = [i for i, path in enumerate(parts)
+             if not os.path.exists(os.path.join(path, REPORT_FILE))]
+  if missing:
+    raise UserError(f"{data_dir}: parts {missing} of {num_parts} are not built yet (run "
+                    f"prepare_dataset with --part=N --num_parts={num_parts} for each)")
+  target = dataset_dir(data_dir)
+  if os.path.exists(target):
+    raise UserError(f"{target} already exists: remove it to merge the parts again")
+  infos = [tfds.builder_from_directory(path).info for path in parts]
+  staging = f"{target}.merging"
+  shutil.rmtree(staging, ignore_errors=True)
+  os.makedirs(staging)
+  split_infos = []
+  for split in sorted({s for info in infos for s in info.splits}):
+    built = [(path, info.splits[split]) for path, info in zip(parts, infos)
+             if split in info.splits]
+    template = tfds.core.ShardedFileTemplate(data_dir=epath.Path(staging), dataset_name=NAME,
+                                             split=split, filetype_suffix="array_record")
+    for shard, (path, info) in enumerate(built):
+      (source,) = info.filepaths
+      _link_or_copy(os.fspath(source), os.fspath(template.sharded_filepath(
+          shard_index=shard, num_shards=len(built))))
+    split_infos.append(tfds.core.SplitInfo(
+        name=split, shard_lengths=[n for _, info in built for n in info.shard_lengths],
+        num_bytes=sum(info.num_bytes for _, info in built), filename_template=template))
+  info = infos[0]
+  info.set_splits(tfds.core.SplitDict(split_infos))
+  info.write_to_directory(staging)
+  report = _merge_reports([read_report(path) for path in parts])
+  with open(os.path.join(staging, REPORT_FILE), "w") as f:
+    f.write(json.dumps(report, indent=2) + "\n")
+  os.rename(staging, target)
+  shutil.rmtree(os.path.join(data_dir, PARTS_DIR))
+  return tfds.builder_from_directory(target), report
+
+
+def _link_or_copy(source: str, target: str) -> None:
+  try:
+    os.link(source, target)
+  except OSError:
+    shutil.copyfile(source, target)
+
+
+def _merge_reports(reports: list[dict]) -> dict:
+  """One report from the parts' (part 0 holds the listing's counts and skips)."""
+  first = reports[0]
+  written = collections.Counter()
+  conversions = collections.Counter()
+  for report in reports:
+    written.update(report["written_per_split"])
+    conversions.update(report["conversions"])
+  skipped = [s for report in reports for s in report["skipped_files"]]
+  merged = {
+      "seen": first["seen"],
+      "written": sum(written.values()),
+      "skipped": len(skipped),
+      "splits": first["splits"],
+      "written_per_split": dict(sorted(written.items())),
+      "skipped_per_split": _skipped_per_split(skipped),
+      "empty_splits": {},
+      "total_duration_s": round(sum(r["total_duration_s"] for r in reports), 3),
+      "segments_without_file": first["segments_without_file"],
+      "conversions": dict(sorted(conversions.items())),
+      "skipped_files": skipped,
+      "skipped_directories": first["skipped_directories"],
+      "parts": len(reports),
+  }
+  merged["empty_splits"] = _empty_splits(merged)
+  return merged
 
 
 def read_report(path: str) -> dict:

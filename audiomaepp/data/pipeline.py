@@ -1,7 +1,8 @@
 """Grain input pipeline: log-mel shards -> global batches -> each host's rows -> one global array.
 
 Per example (SPEC §2): the stored full-clip log-mel (float16) is standardised over the whole
-clip (NumPy std, as the original training parser), then cropped to `crop_frames`: a random
+clip (NumPy std, as the original training parser; the shards store each clip's mean and std, so
+only the crop is converted and standardised), then cropped to `crop_frames`: a random
 offset in [0, T - crop_frames) for training (the original's `randint` range, so the last offset
 is never drawn), the centre for evaluation. Clips shorter than `crop_frames` are first repeated
 along time. (The original calls `np.tile(spec, k)` on a (time, mel) array, which tiles the last
@@ -26,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
 
 from audiomaepp.audio import features
 from audiomaepp.data import synthetic
@@ -97,6 +99,19 @@ def num_classes(data_config: ml_collections.ConfigDict) -> int:
   return _builder(data_config).info.features["labels"].feature.num_classes
 
 
+def num_workers(data_config: ml_collections.ConfigDict) -> int:
+  """Grain worker processes per host: `data_config.num_workers`, where -1 (auto) is all but two
+  of this process's cores when JAX runs on an accelerator and 0 (the main process) on CPU."""
+  requested = data_config.num_workers
+  if requested >= 0:
+    return requested
+  if requested != -1:
+    raise UserError(f"config.data.num_workers must be -1 (auto) or >= 0, got {requested}")
+  if jax.default_backend() == "cpu":
+    return 0
+  return max(0, len(os.sched_getaffinity(0)) - 2)
+
+
 def crop(spectrogram: np.ndarray, crop_frames: int,
          rng: Optional[np.random.Generator] = None) -> np.ndarray:
   """`(time, mel)` -> `(crop_frames, mel)`: random offset with `rng`, else the centre.
@@ -117,37 +132,54 @@ def crop(spectrogram: np.ndarray, crop_frames: int,
   return spectrogram[offset:offset + crop_frames]
 
 
-def _example(record: dict, spectrogram: np.ndarray, classes: int) -> dict:
-  example = {"spectrogram": spectrogram, "id": np.bytes_(record["id"])}
-  if classes:
-    multi_hot = np.zeros(classes, np.float32)
-    multi_hot[np.asarray(record["labels"], np.int64)] = 1.0
-    example["labels"] = multi_hot
-  return example
+def decode_record(serialized: bytes) -> dict:
+  """A serialized `audio_logmel` record -> `spectrogram` (a float16 view of the stored bytes),
+  `mean`, `std` (float32; None in version 1.0.0 shards, which lack them), `id`, `labels`.
+
+  Parses with the protocol buffer TFDS writes (`tf.train.Example`, without TensorFlow) and copies
+  nothing: the crop decides which frames become float32.
+  """
+  feature = tf_example_pb2.Example.FromString(serialized).features.feature
+  moments = [feature[k].float_list.value[0] if k in feature else None for k in ("mean", "std")]
+  return {"spectrogram": np.frombuffer(feature["spectrogram"].bytes_list.value[0],
+                                       np.float16).reshape(-1, features.N_MELS),
+          "mean": moments[0], "std": moments[1],
+          "id": feature["id"].bytes_list.value[0],
+          "labels": feature["labels"].int64_list.value}
 
 
-class _TrainCrop(grain.transforms.RandomMap):
-  """Standardise the whole clip, then a random crop (Grain seeds `rng` per record and epoch)."""
+def standardized_crop(record: dict, crop_frames: int,
+                      rng: Optional[np.random.Generator] = None) -> np.ndarray:
+  """The crop (`crop`) of the record's clip standardised with the clip's mean and std, as float32.
 
-  def __init__(self, crop_frames: int, classes: int):
+  Equal to `crop(features.standardize(clip))`: only the crop's frames are converted.
+  """
+  spectrogram, mean, std = record["spectrogram"], record["mean"], record["std"]
+  if mean is None:  # version 1.0.0 shards: the moments of the whole clip, here
+    mean, std = features.moments(spectrogram)
+  else:
+    mean, std = np.float32(mean), np.float32(std)
+  return (crop(spectrogram, crop_frames, rng).astype(np.float32) - mean) / (std + features.STD_EPS)
+
+
+class _Crop(grain.transforms.RandomMap):
+  """Serialized record -> example: a standardised random crop when `train`, else the centre crop
+  (Grain seeds `rng` per record and epoch)."""
+
+  def __init__(self, crop_frames: int, classes: int, train: bool):
     self._crop_frames = crop_frames
     self._classes = classes
+    self._train = train
 
-  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
-    spectrogram = features.standardize(record["spectrogram"])
-    return _example(record, crop(spectrogram, self._crop_frames, rng), self._classes)
-
-
-class _EvalCrop(grain.transforms.Map):
-  """Standardise the whole clip, then the centre crop."""
-
-  def __init__(self, crop_frames: int, classes: int):
-    self._crop_frames = crop_frames
-    self._classes = classes
-
-  def map(self, record: dict) -> dict:
-    spectrogram = features.standardize(record["spectrogram"])
-    return _example(record, crop(spectrogram, self._crop_frames), self._classes)
+  def random_map(self, serialized: bytes, rng: np.random.Generator) -> dict:
+    record = decode_record(serialized)
+    spectrogram = standardized_crop(record, self._crop_frames, rng if self._train else None)
+    example = {"spectrogram": spectrogram, "id": np.bytes_(record["id"])}
+    if self._classes:
+      multi_hot = np.zeros(self._classes, np.float32)
+      multi_hot[np.asarray(record["labels"], np.int64)] = 1.0
+      example["labels"] = multi_hot
+    return example
 
 
 def examples(data_config: ml_collections.ConfigDict, *, split: str, seed: int,
@@ -160,14 +192,15 @@ def examples(data_config: ml_collections.ConfigDict, *, split: str, seed: int,
   """
   builder = _builder(data_config)
   _check_split(builder, split)
-  source = builder.as_data_source(split=split)
+  source = builder.as_data_source(split=split,
+                                  deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
   if not len(source):
     raise UserError(f"split {split!r} of {builder.data_dir} has no records")
   classes = builder.info.features["labels"].feature.num_classes
   dataset = grain.MapDataset.source(source).seed(seed)
   if train:
-    return dataset.shuffle().repeat().random_map(_TrainCrop(data_config.crop_frames, classes))
-  return dataset.repeat().map(_EvalCrop(data_config.crop_frames, classes))
+    dataset = dataset.shuffle()
+  return dataset.repeat().random_map(_Crop(data_config.crop_frames, classes, train))
 
 
 def host_block(sharding: jax.sharding.Sharding, batch_size: int) -> tuple[int, int]:
@@ -207,10 +240,11 @@ def create_dataset(data_config: ml_collections.ConfigDict, *, split: str, batch_
     dataset = dataset[:num_batches].repeat(reseed_each_epoch=False)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=data_config.read_threads, prefetch_buffer_size=data_config.read_buffer_size))
-  if data_config.num_workers > 0:
+  workers = num_workers(data_config)
+  if workers > 0:
     worker_memory.start_tracker_in_own_session()
     dataset = dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=data_config.num_workers,
+        grain.MultiprocessingOptions(num_workers=workers,
                                      per_worker_buffer_size=data_config.prefetch_buffer_size),
         worker_init_fn=_start_worker)
   return dataset

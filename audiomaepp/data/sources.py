@@ -66,9 +66,11 @@ class Clip:
 class Listing:
   """The result of matching files to splits, before any audio is decoded."""
   clips: dict[str, list[Clip]]  # split -> clips in id order
-  skipped: list[tuple[str, str]]  # (relative path, reason)
+  skipped: list[tuple[str, Optional[str], str]]  # (relative path, split if known, reason)
   num_files: int  # audio files found
-  missing: int  # segment rows without an audio file (AudioSet layout)
+  skipped_dirs: list[tuple[str, str]]  # (relative path, reason): directory links not followed
+  missing: int  # segment rows no audio file matched (AudioSet layout)
+  splits: tuple[str, ...] = ()  # the splits the inputs ask for, even those left without clips
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,15 +124,32 @@ def read_segments(path: str) -> dict[str, list[str]]:
   return segments
 
 
-def list_audio_files(audio_dir: str) -> list[str]:
-  """Relative paths (POSIX separators, sorted) of the audio files under `audio_dir`."""
-  found = []
-  for root, dirs, files in os.walk(audio_dir):
-    dirs[:] = [d for d in dirs if not d.startswith(".")]
+def list_audio_files(audio_dir: str) -> tuple[list[str], list[tuple[str, str]]]:
+  """Relative paths (POSIX separators, sorted) of the audio files under `audio_dir`.
+
+  Directory links are followed; a directory reached a second time (a link loop, or two links to
+  one folder) is not read again but returned with the reason, as `(relative path, reason)`.
+  """
+  found, skipped = [], []
+  seen = {}  # real path -> the relative path it was first read under
+  for root, dirs, files in os.walk(audio_dir, followlinks=True):
+    rel_root = os.path.relpath(root, audio_dir).replace(os.sep, "/")
+    seen.setdefault(os.path.realpath(root), rel_root)
+    kept = []
+    for d in sorted(dirs):
+      if d.startswith("."):
+        continue
+      rel = d if rel_root == "." else f"{rel_root}/{d}"
+      first = seen.setdefault(os.path.realpath(os.path.join(root, d)), rel)
+      if first != rel:
+        skipped.append((rel + "/", f"directory link to {first}/, which is already read"))
+      else:
+        kept.append(d)
+    dirs[:] = kept
     for name in files:
       if not name.startswith(".") and os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS:
         found.append(os.path.relpath(os.path.join(root, name), audio_dir).replace(os.sep, "/"))
-  return sorted(found)
+  return sorted(found), sorted(skipped)
 
 
 def _ytid_candidates(stem: str) -> list[str]:
@@ -147,12 +166,13 @@ def _held_out(files: list[str], fraction: float) -> set[str]:
 
 def list_clips(sources: Sources) -> Listing:
   """Matches the audio files to records (ids, splits, labels) without decoding them."""
-  files = list_audio_files(sources.audio_dir)
-  clips = collections.defaultdict(list)
+  files, skipped_dirs = list_audio_files(sources.audio_dir)
   skipped = []
+  clips = collections.defaultdict(list)
   missing = 0
   if not sources.segments_csvs:
     held_out = _held_out(files, sources.eval_fraction)
+    splits = ("eval", "train") if held_out else ("train",)
     for rel in files:
       split = "eval" if rel in held_out else "train"
       clips[split].append(Clip(os.path.join(sources.audio_dir, rel), rel, rel, split))
@@ -160,34 +180,39 @@ def list_clips(sources: Sources) -> Listing:
     mids, _ = read_label_index(sources.labels_csv)
     index = {mid: i for i, mid in enumerate(mids)}
     rows = {}  # YTID -> (split, mids); the first CSV listing a YTID wins
+    splits = tuple(sorted({split for split, _ in sources.segments_csvs}))
     for split, path in sources.segments_csvs:
       for ytid, labels in read_segments(path).items():
         rows.setdefault(ytid, (split, labels))
-    used = set()
+    used = set()  # YTIDs matched by a file, written or not
     for rel in files:
       stem = os.path.splitext(os.path.basename(rel))[0]
       ytid = next((c for c in _ytid_candidates(stem) if c in rows), None)
       if ytid is None:
-        skipped.append((rel, "no row for this file in the segments CSVs"))
+        skipped.append((rel, None, "no row for this file in the segments CSVs"))
         continue
       if ytid in used:
-        skipped.append((rel, f"duplicate: another file already provides YTID {ytid}"))
+        skipped.append((rel, rows[ytid][0],
+                        f"duplicate: another file already provides YTID {ytid}"))
         continue
+      used.add(ytid)
       split, labels = rows[ytid]
       unknown = [m for m in labels if m not in index]
       if unknown:
-        skipped.append((rel, f"labels {unknown} are not in {sources.labels_csv}"))
+        skipped.append((rel, split, f"unknown label id {', '.join(unknown)}: not in "
+                                    f"{os.path.basename(sources.labels_csv)}"))
         continue
-      used.add(ytid)
       clips[split].append(Clip(os.path.join(sources.audio_dir, rel), rel, ytid, split,
                                tuple(sorted(index[m] for m in labels))))
     missing = len(rows) - len(used)
   return Listing(clips={s: sorted(c, key=lambda c: c.id) for s, c in sorted(clips.items())},
-                 skipped=skipped, num_files=len(files), missing=missing)
+                 skipped=skipped, num_files=len(files), skipped_dirs=skipped_dirs,
+                 missing=missing, splits=splits)
 
 
 def encode_clip(clip: Clip, min_duration_s: float = DEFAULT_MIN_DURATION_S) -> Encoded:
-  """Decodes one file into a record: float16 log-mel `(frames, mel)`, id, duration, labels.
+  """Decodes one file into a record: float16 log-mel `(frames, mel)`, its float32 mean and std
+  (`audio.moments` of the float16 values), id, duration, labels.
 
   Never raises for bad audio: the outcome carries the reason instead, so one file cannot stop
   a build.
@@ -203,13 +228,15 @@ def encode_clip(clip: Clip, min_duration_s: float = DEFAULT_MIN_DURATION_S) -> E
     parts.append(stream.finish().astype(np.float16))
   except (audio.AudioError, ValueError) as e:
     return Encoded(clip, reason=str(e).replace(clip.path + ": ", ""))
-  spectrogram = np.concatenate(parts)
+  # C order, as the record stores it: the moments depend on the summation order.
+  spectrogram = np.ascontiguousarray(np.concatenate(parts))
   if not np.isfinite(spectrogram).all():
     # Finite samples can still overflow the float32 power spectrum (corrupt float files hold
     # values like 1e20); such a record would turn the training loss into NaN.
     peak = max(float(np.abs(block).max()) for block in audio.iter_audio(clip.path))
     return Encoded(clip, reason=f"non-finite log-mel: samples of magnitude {peak:.3g} overflow "
                                 "the float32 power spectrum (expected audio in [-1, 1])")
-  example = {"spectrogram": spectrogram, "id": clip.id,
-             "duration": np.float32(duration_s), "labels": list(clip.labels)}
+  mean, std = audio.moments(spectrogram)
+  example = {"spectrogram": spectrogram, "mean": mean.reshape(()), "std": std.reshape(()),
+             "id": clip.id, "duration": np.float32(duration_s), "labels": list(clip.labels)}
   return Encoded(clip, example=example, conversions=conversions)

@@ -25,8 +25,8 @@ CLASSES = ("tone", "chirp", "harmonic_stack", "noise_burst", "click_train")
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "audiomaepp")
 SAMPLE_RATE = features.SAMPLE_RATE
 EVAL_EVERY = 10  # clip i is in 'eval' when i % EVAL_EVERY == 0
-# Part of the cache directory name: bump it when the generated signals change.
-CORPUS_VERSION = 1
+# Part of the cache directory name: bump it when the signals or the shard format change.
+CORPUS_VERSION = 2
 
 
 def _envelope(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -9,8 +9,11 @@ AudioSet layout (labels from the segment CSVs; splits from the CSV names or SPLI
     --labels_csv=class_labels_indices.csv --num_workers=16
 
 Train on it with `config.data.source = 'tfds'` and `config.data.data_dir = OUT`. Bad files are
-skipped and listed in OUT/audio_logmel/<version>/report.json. At cluster scale, pass
-`--beam_pipeline_options` (see docs/data.md).
+skipped and listed in OUT/audio_logmel/<version>/report.json.
+
+On many machines (docs/data.md): run each part, anywhere the folders are mounted, then merge:
+  python -m audiomaepp.tools.prepare_dataset ... --num_parts=64 --part=I   # I = 0..63
+  python -m audiomaepp.tools.prepare_dataset --output_dir=OUT --num_parts=64 --merge
 """
 import os
 
@@ -22,8 +25,8 @@ from audiomaepp.data import sources
 from audiomaepp.errors import UserError
 from audiomaepp.tools import cli
 
-_AUDIO_DIR = flags.DEFINE_string("audio_dir", None, "Folder of audio files (searched recursively).",
-                                 required=True)
+_AUDIO_DIR = flags.DEFINE_string("audio_dir", None,
+                                 "Folder of audio files (searched recursively, links followed).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "TFDS data_dir to write the dataset into.",
                                   required=True)
 _SEGMENTS_CSV = flags.DEFINE_list(
@@ -38,19 +41,24 @@ _MIN_DURATION_S = flags.DEFINE_float("min_duration_s", sources.DEFAULT_MIN_DURAT
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", os.cpu_count() or 1,
                                     "Decoding processes (0: in this process).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild even if the dataset exists.")
-_BEAM_OPTIONS = flags.DEFINE_string(
-    "beam_pipeline_options", None, "Run with Apache Beam: comma-separated pipeline options, "
-    "e.g. 'runner=DirectRunner,direct_num_workers=8,direct_running_mode=multi_processing'.")
-
-
-def _beam_options(value: str):
-  beam = tfds.core.lazy_imports.apache_beam
-  return beam.options.pipeline_options.PipelineOptions(
-      flags=[f"--{option}" for option in value.split(",") if option])
+_NUM_PARTS = flags.DEFINE_integer("num_parts", 1, "Split the build into this many parts "
+                                  "(each built by its own process, on any machine).")
+_PART = flags.DEFINE_integer("part", None, "With --num_parts: the part to build, 0..num_parts-1.")
+_MERGE = flags.DEFINE_bool("merge", False, "With --num_parts: merge the built parts into the "
+                           "dataset (needs only --output_dir).")
 
 
 def main(argv):
   del argv
+  if _MERGE.value:
+    builder, report = builders.merge_parts(_OUTPUT_DIR.value, _NUM_PARTS.value)
+    _print_result(builder.data_dir, report)
+    return
+  if _AUDIO_DIR.value is None:
+    raise UserError("--audio_dir is required (except with --merge)")
+  if (_NUM_PARTS.value > 1) != (_PART.value is not None):
+    raise UserError("--part and --num_parts > 1 go together (then --merge once all are built)")
+  part = (_PART.value or 0, _NUM_PARTS.value)
   try:
     inputs = sources.Sources(
         audio_dir=_AUDIO_DIR.value,
@@ -61,14 +69,18 @@ def main(argv):
   except ValueError as e:  # a flag value the inputs cannot use
     raise UserError(str(e)) from None
   tfds.disable_progress_bar()  # the builder shows one bar per split, with the skip count
-  if os.path.exists(builders.dataset_dir(_OUTPUT_DIR.value)) and not _OVERWRITE.value:
+  data_dir = _OUTPUT_DIR.value if part[1] == 1 else builders.part_dir(_OUTPUT_DIR.value, part)
+  if os.path.exists(builders.dataset_dir(data_dir)) and not _OVERWRITE.value:
     print("reusing the existing build (--overwrite rebuilds it)")
-  builder, report = builders.build(
-      inputs, _OUTPUT_DIR.value, num_workers=_NUM_WORKERS.value, overwrite=_OVERWRITE.value,
-      beam_options=_beam_options(_BEAM_OPTIONS.value) if _BEAM_OPTIONS.value else None)
-  print(f"dataset: {builder.data_path}")
+  builder, report = builders.build(inputs, _OUTPUT_DIR.value, num_workers=_NUM_WORKERS.value,
+                                   overwrite=_OVERWRITE.value, part=part)
+  _print_result(builder.data_path, report)
+
+
+def _print_result(path, report: dict) -> None:
+  print(f"dataset: {path}")
   print(summary(report))
-  print(f"report: {os.path.join(builder.data_path, builders.REPORT_FILE)}")
+  print(f"report: {os.path.join(path, builders.REPORT_FILE)}")
 
 
 def _duration(seconds: float) -> str:
@@ -82,15 +94,16 @@ def summary(report: dict, max_listed: int = 10) -> str:
     splits += f"; {_duration(report['total_duration_s'])} of audio"
   lines = [f"seen {report['seen']}  written {report['written']}  skipped {report['skipped']}  "
            f"({splits})"]
-  lines += [f"  {kind}: {count} files" for kind, count in (report["conversions"] or {}).items()]
+  lines += [f"  {kind}: {count} files" for kind, count in report["conversions"].items()]
   if report["segments_without_file"]:
     lines.append(f"  {report['segments_without_file']} CSV segments have no audio file")
   skipped = report["skipped_files"]
   lines += [f"  skipped {s['file']}: {s['reason']}" for s in skipped[:max_listed]]
   if len(skipped) > max_listed:
     lines.append(f"  ... and {len(skipped) - max_listed} more")
-  if "note" in report:
-    lines.append(f"  note: {report['note']}")
+  lines += [f"  skipped directory {d['directory']}: {d['reason']}"
+            for d in report["skipped_directories"]]
+  lines += [f"WARNING: {reason}; it was not written" for reason in report["empty_splits"].values()]
   return "\n".join(lines)
 
 
