@@ -27,10 +27,9 @@ class HostWatchdog:
   """
 
   def __init__(self, client: Any, process_id: int, num_processes: int,
-               on_lost: Callable[[int], None], timeout: float = 10.0, interval: float = 1.0):
+               on_lost: Callable[[int], None], timeout: float = 8.0, interval: float = 1.0):
     self._client = client
     self._process_id = process_id
-    self._num_processes = num_processes
     self._on_lost = on_lost
     self._timeout = timeout
     self._interval = interval
@@ -47,6 +46,7 @@ class HostWatchdog:
                      threading.Thread(target=self._judge_loop, name="host-judge", daemon=True)]
 
   def start(self) -> "HostWatchdog":
+    """Starts beating and judging (two daemon threads); returns self."""
     for thread in self._threads:
       thread.start()
     return self

@@ -20,6 +20,7 @@ import soundfile as sf
 from audiomaepp import checkpointing
 from audiomaepp import errors
 from audiomaepp import models
+from audiomaepp import original
 from audiomaepp.evaluation import tasks
 from audiomaepp.tools import cli
 import faults
@@ -64,13 +65,18 @@ def _cases(tmp: pathlib.Path) -> dict:
            f"--output_dir={tmp / 'out'}"],
           f"error: {tmp / 'nowhere' / 'config.json'} not found: {tmp / 'nowhere'} is not a "
           "workdir"),
+      "embed_short_clip": (
+          [*tool("embed"), f"--checkpoint={tmp / 'imported'}", f"--audio={tmp / 'short.wav'}",
+           f"--output_dir={tmp / 'out'}"],
+          f"error: {tmp / 'short.wav'}: audio too short: 100 samples per sound, the log-mel needs "
+          "at least 201"),
       "evaluate_nan_embedding": (
           [*tool("evaluate"), f"--embeddings_dir={nan_dir}", "--seeds=1", "--max_epochs=3"],
           f"error: {nan_dir / 'task-v1' / 'train.embeddings.npy'}: split 'train' row 3 "
           "(train_3.wav) holds NaN or infinite values (1 such rows)"),
       "import_missing_weights": (
           [*tool("import_original"), f"--weights={tmp / 'none.npz'}", MICRO[1],
-           f"--output_dir={tmp / 'imported'}"],
+           f"--output_dir={tmp / 'not_imported'}"],
           f"error: {tmp / 'none.npz'}"),
       "prepare_missing_audio_dir": (
           [*tool("prepare_dataset"), f"--audio_dir={tmp / 'nowhere'}",
@@ -84,6 +90,9 @@ def runs(tmp_path_factory):
   """(tmp, {case: (returncode, stderr)}) for every case, all run at once."""
   tmp = tmp_path_factory.mktemp("cli")
   write_embeddings(tmp / "nan_embeddings", {"train": (3, np.nan)})
+  original.import_to_workdir(MICRO[0].split("=", 1)[1], str(tmp / "imported"),
+                             original_args=MICRO[1].split("=", 1)[1])
+  sf.write(tmp / "short.wav", np.zeros(100, np.float32), 16000)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   procs = {case: subprocess.Popen([sys.executable, *command], cwd=REPO, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

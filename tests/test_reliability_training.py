@@ -292,3 +292,23 @@ def test_repeated_random_kills_until_done(reference, env, tmp_path, seed):
   assert _logged_steps(workdir) == list(range(1, STEPS + 1))
   assert _checkpoints(workdir) == ([STEPS - EVERY, STEPS], [])
   assert not _mismatches(logged, expected), _mismatches(logged, expected)
+
+
+@pytest.mark.timeout(300)
+def test_restart_with_another_model_fails_fast_and_keeps_the_workdir(reference, env, tmp_path):
+  """Another num_heads has the same parameter shapes: without the check it would resume with a
+  different architecture. Refused in one line before anything is compiled, restored or written;
+  the workdir still loads."""
+  reference_dir, _ = reference
+  workdir = tmp_path / "workdir"
+  shutil.copytree(reference_dir, workdir)
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  run = Run(workdir, dict(env, JAX_LOG_COMPILES="1"), "--config.model.num_heads=2")
+  assert run.wait() == 1, run.log[-3000:]
+  lines = run.log.strip().splitlines()
+  assert lines[-1] == (f"error: config.model differs from the model the checkpoints in {workdir} "
+                       "were trained with: num_heads=2 (recorded 4); resume with the recorded "
+                       "model, or use a new workdir"), lines[-1]
+  assert "Traceback" not in run.log and "Compiling" not in run.log
+  assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+  assert hear_api.load_model(str(workdir)).module.config.num_heads == 4

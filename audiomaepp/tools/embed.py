@@ -58,7 +58,12 @@ def embed_files(paths: Sequence[str], model: hear_api.Model, num_samples: int | 
     for start in range(0, len(indices), per_batch):
       batch = indices[start:start + per_batch]
       audio = np.stack([waveforms.pop(i) for i in batch])
-      embeddings[batch] = np.asarray(hear_api.get_scene_embeddings(audio, model))
+      try:
+        embeddings[batch] = np.asarray(hear_api.get_scene_embeddings(audio, model))
+      except UserError as e:  # its "sounds [i]" count within this batch of files
+        names = [str(paths[i]) for i in batch]
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UserError(f"{listed}: {e}") from None
       if progress is not None:
         progress.update(len(batch))
   return embeddings
