@@ -165,8 +165,8 @@ def main_with_nan_batch(step: int) -> list[str]:
   as if the data or a diverging model had produced it."""
   tests_dir = os.path.dirname(os.path.abspath(__file__))
   code = (f"import sys; sys.path.insert(0, {tests_dir!r}); import faults; "
-          f"faults.poison_training_batch({step}); import main; from absl import app; "
-          "app.run(main.main)")
+          f"faults.poison_training_batch({step}); import main; from audiomaepp.tools import cli; "
+          "cli.run(main.main)")
   return [sys.executable, "-c", code]
 
 
