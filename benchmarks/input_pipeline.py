@@ -80,7 +80,7 @@ def main(argv):
     data_config.data_dir = _DATA_DIR.value
   else:
     data_config.source = "synthetic"
-  dataset = pipeline.dataset_path(data_config)
+  dataset = pipeline.ensure_dataset(data_config)
   num_train = pipeline.num_examples(data_config, data_config.train_split)
   results = {"dataset": dataset, "train_examples": num_train, "batch_size": _BATCH_SIZE.value,
              "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),

@@ -8,6 +8,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from audiomaepp import checkpointing
@@ -128,28 +129,35 @@ def test_all_steps_damaged_is_an_error(tmp_path):
 
 
 def test_failed_write_is_reported_and_previous_step_stays(tmp_path, monkeypatch):
-  """A write error (here ENOSPC injected into the iterator-state write) fails that save only."""
+  """A write error (here ENOSPC injected into the array writes) fails that save only."""
   workdir = str(tmp_path)
-  checkpointer = loop._Checkpointer(workdir, keep=1)
-  iterator = _iterator()
+  checkpointer = loop._Checkpointer(workdir, keep=2)
   state = loop.step_lib.TrainState(step=jnp.int32(3), params=_params(3),
                                    opt_state={"count": jnp.int32(7)})
-  assert checkpointer.save(3, state, iterator) is None
+  assert checkpointer.save(3, state) is None
   assert checkpointer.wait() is None
 
-  def disk_full(*args, **kwargs):
-    raise OSError(errno.ENOSPC, "No space left on device")
+  class DiskFull:  # an Orbax commit future whose write fails in the background
+    def result(self, timeout=None):
+      raise OSError(errno.ENOSPC, "No space left on device")
 
-  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", disk_full)
+  save = ocp.StandardCheckpointHandler.async_save
+
+  async def disk_full(self, *args, **kwargs):
+    return [*(await save(self, *args, **kwargs) or []), DiskFull()]
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", disk_full)
   later = state.replace(step=jnp.int32(5), params=_params(5))
-  error = checkpointer.save(5, later, iterator) or checkpointer.wait()
+  error = checkpointer.save(5, later) or checkpointer.wait()
   assert "checkpoint save at step 5 failed" in error and "No space left" in error
   assert "latest complete checkpoint: 3" in error
   checkpointer.close()
   monkeypatch.undo()
   leftovers = [p for p in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in p]
   assert not leftovers  # partial files of the failed save are removed
-  restored, _ = _restore(workdir, state.checkpoint_items()[1])
+  with checkpointing.training_manager(workdir, keep=2) as manager:  # the loop saves no iterator
+    restored = checkpointing.restore_with_fallback(
+        manager, _abstract(_params(0)), _abstract(state.checkpoint_items()[1]))
   assert restored.step == 3 and int(restored.train_state["opt_state"]["count"]) == 7
   np.testing.assert_array_equal(restored.params["dense"]["kernel"], _params(3)["dense"]["kernel"])
 
@@ -160,7 +168,7 @@ def test_next_start_removes_partial_saves_before_returning(tmp_path):
   checkpointer = loop._Checkpointer(workdir, keep=2)
   state = loop.step_lib.TrainState(step=jnp.int32(3), params=_params(3),
                                    opt_state={"count": jnp.int32(7)})
-  assert checkpointer.save(3, state, _iterator()) is None
+  assert checkpointer.save(3, state) is None
   checkpointer.close()
   partial = tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp" / "params"
   partial.mkdir(parents=True)

@@ -4,6 +4,7 @@ One uninterrupted reference run, then: kill -9 mid-run -> resume -> SIGTERM -> r
 whose losses must equal the reference bit for bit; and a NaN injected into one batch. All runs
 share a persistent compilation cache, so only the first compiles.
 """
+import itertools
 import json
 import os
 import signal
@@ -16,6 +17,9 @@ import pytest
 
 from audiomaepp import checkpointing
 from audiomaepp import metrics
+from audiomaepp.data import pipeline
+from audiomaepp.train import loop
+from conftest import experiment_config
 import faults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,6 +150,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference, env, tmp_p
   assert max(losses) == 6  # the poisoned step is neither logged nor saved
   reference_losses = _train_losses(reference)
   assert all(losses[s] == reference_losses[s] for s in losses)
+
+
+def test_the_eval_input_is_built_once_at_the_first_eval(monkeypatch):
+  made = []
+
+  def create_iterator(data_config, **kwargs):
+    made.append(kwargs)
+    return itertools.count()
+
+  monkeypatch.setattr(pipeline, "create_iterator", create_iterator)
+  config = experiment_config("demo")
+  config.eval_batches = 3
+  eval_input = loop._EvalInput(config, (1, 2))  # pylint: disable=protected-access
+  assert not made  # nothing is read before the first eval
+  assert [list(eval_input.batches()) for _ in range(2)] == [[0, 1, 2], [3, 4, 5]]
+  assert len(made) == 1 and made[0]["num_batches"] == 3  # which repeats the first 3 batches
+  assert (made[0]["shard_index"], made[0]["shard_count"]) == (1, 2) and not made[0]["train"]
 
 
 @pytest.mark.slow

@@ -81,6 +81,7 @@ _CHILD = textwrap.dedent("""
     def main(_):
       config = experiment.load_config("configs/demo.py")
       config.data.num_workers = 2
+      pipeline.ensure_dataset(config.data)
       iterator = pipeline.create_iterator(config.data, split="train", batch_size=8, seed=0,
                                           train=True)
       for step, _ in enumerate(iterator):

@@ -266,8 +266,8 @@ def make_global_batch(batch: dict, sharding: jax.sharding.Sharding) -> dict:
   """Each host's rows (NumPy) -> global `jax.Array`s sharded over the batch axis.
 
   `sharding` (e.g. `NamedSharding(mesh, P(('data', 'fsdp')))`) partitions the leading axis;
-  each host passes its block of rows (`host_block`). Non-numeric entries ('id') stay on the host and are
-  left out.
+  each host passes its block of rows (`host_block`). Non-numeric entries ('id') stay on the host
+  and are left out.
   """
   return {key: jax.make_array_from_process_local_data(sharding, value)
           for key, value in batch.items()
