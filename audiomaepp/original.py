@@ -4,8 +4,9 @@
 arguments into `(model_config, variables)` for `audiomaepp.models.build_model`. Every original
 key maps to exactly one of our parameters (`state_dict_names`), except the fixed sin-cos tables,
 which are checked against ours rather than loaded. (RoPE frequencies, also fixed in training,
-are loaded: the original uses its stored values.)
-PyTorch is needed only to read `.pth` files (`pip install audiomaepp[torch]`).
+are loaded: the original uses its stored values.) Reading the original's files (checkpoints, run
+directories, config files) is `original_io`'s part; PyTorch is needed only for `.pth` files
+(`pip install audiomaepp[torch]`).
 """
 import dataclasses
 import json
@@ -215,7 +216,7 @@ def original_args_from_config(model_config: Any) -> Dict[str, Any]:
                                ("swiglu_norm", c.swiglu_norm, ("shared",))):
     if value not in allowed:
       raise UserError(f"config.model.{name}={value!r} has no equivalent in the original "
-                       f"(only {list(allowed)})")
+                      f"(only {list(allowed)})")
   args = {name: getattr(c, field) for name, field in _ARG_FIELDS.items()}
   args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
   if not c.norm_pix_loss:

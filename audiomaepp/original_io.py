@@ -133,8 +133,8 @@ def _torch_load(path: str) -> Any:
     except Exception:  # pylint: disable=broad-except
       unsafe = None  # not a zip checkpoint at all
     if not unsafe:
-      raise UserError(f"{path}: not a PyTorch checkpoint torch can read "
-                      f"({str(e).strip().splitlines()[-1]})") from None
+      detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+      raise UserError(f"{path}: not a PyTorch checkpoint torch can read ({detail})") from None
     raise UserError(f"{path}: holds objects other than tensors and the original trainer's args "
                     f"({', '.join(unsafe)}); refusing to unpickle them") from None
   except Exception as e:  # pylint: disable=broad-except

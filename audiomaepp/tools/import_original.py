@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from audiomaepp import original
 from audiomaepp import original_io
+from audiomaepp.models.config import resolve_model_config
 
 _WEIGHTS = flags.DEFINE_string(
     "weights", None, "Original .pth (needs PyTorch), .npz, or an original run directory.")
@@ -47,8 +48,9 @@ def main(argv):
     original_args = original_io.read_config_file(_ORIGINAL_CONFIG.value)
   config = original.import_to_workdir(_WEIGHTS.value, _OUTPUT_DIR.value, config=_CONFIG.value,
                                       original_args=original_args)
-  print(f"wrote {_OUTPUT_DIR.value} (model size {config.model.size}, width "
-        f"{config.model.width}); restore it with audiomaepp.hear_api.load_model")
+  model = resolve_model_config(config.model)
+  print(f"wrote {_OUTPUT_DIR.value} (model size {model.size}, width {model.width}, depth "
+        f"{model.depth}); restore it with audiomaepp.hear_api.load_model")
 
 
 if __name__ == "__main__":
