@@ -1,13 +1,15 @@
 r"""HEAR-style downstream evaluation of an embeddings directory (SPEC §7).
 
     python -m audiomaepp.tools.evaluate --embeddings_dir=OUT [--seeds=10] [--tasks=a,b] \
-        [--reference=paper] [--reference=other/scores.json] [--output_dir=DIR] [--model_name=NAME]
+        [--order=shuffle|sorted|heareval] [--reference=paper] [--reference=other/scores.json] \
+        [--output_dir=DIR] [--model_name=NAME]
 
-OUT holds one folder per task as written by `audiomaepp.tools.embed`, in this project's layout or
-hear-eval-kit's (also folders made by the kit's embedding runner for any HEAR model). Writes to the output directory (default
-OUT/evaluation): tasks/<task>.json per task (a finished task is reused when the run is resumed with
-the same protocol and seeds), scores.json (every score), results.md (a table like the paper's
-Table 2 with the normalised score) and scores.png (bar chart).
+OUT holds one folder per task, in this project's layout (`audiomaepp.tools.embed`) or
+hear-eval-kit's (`tools.embed --layout=heareval`, or the kit's own embedding runner for any HEAR
+model). Writes to the output directory (default OUT/evaluation): tasks/<task>.json per task (a
+finished task is reused when the run is resumed with the same protocol and seeds), scores.json
+(every score), results.md (a table like the paper's Table 2 with the normalised score) and
+scores.png (bar chart).
 """
 import json
 import os
