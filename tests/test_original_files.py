@@ -193,8 +193,8 @@ def test_trainer_checkpoint_of_the_original_code(fixtures_dir, tmp_path):
   """A run directory written as the original trainer does (checkpoint-<epoch>.pth with the
   argparse args and the experiment ConfigDict) imports through the CLI; our `encode` matches the
   original's `forward_features`."""
+  original_models = original_code.original_models()  # skips without torch
   import torch  # pylint: disable=g-import-not-at-top
-  original_models = original_code.original_models()
   args = {k: v for k, v in _micro_args(fixtures_dir).items() if k != "num_params_total"}
   torch.manual_seed(0)
   model = original_code.perturbed(original_models.MAE_PlusPlus(**args))
