@@ -4,13 +4,13 @@
 arguments into `(model_config, variables)` for `audiomaepp.models.build_model`. Every original
 key maps to exactly one of our parameters (`state_dict_names`), except the fixed sin-cos tables,
 which are checked against ours rather than loaded. (RoPE frequencies, also fixed in training,
-are loaded: the original uses its stored values.)
-PyTorch is needed only to read `.pth` files (`pip install audiomaepp[torch]`).
+are loaded: the original uses its stored values.) Reading the original's files (checkpoints, run
+directories, config files) is `original_io`'s part; PyTorch is needed only for `.pth` files
+(`pip install audiomaepp[torch]`).
 """
 import dataclasses
 import json
 import os
-import pickle
 from typing import Any, Dict, Mapping, Tuple, Union
 
 from absl import logging
@@ -20,6 +20,8 @@ import numpy as np
 
 from audiomaepp import checkpointing
 from audiomaepp import experiment
+from audiomaepp import original_io
+from audiomaepp.errors import UserError
 from audiomaepp.models import layers
 from audiomaepp.models import mae
 from audiomaepp.models.config import ENCODER_SIZES, ModelConfig, resolve_model_config
@@ -29,6 +31,9 @@ from audiomaepp.models.config import ENCODER_SIZES, ModelConfig, resolve_model_c
 Entry = Tuple[Tuple[str, ...], str]
 
 FIXED_TOLERANCE = 1e-5
+# Axis permutation taking an original tensor to ours (`np.argsort` of it goes back); kinds not
+# listed are copied as they are.
+_PERMUTATIONS = {"linear": (1, 0), "conv": (2, 3, 1, 0)}
 
 _PLUSPLUS_LAYERS = {
     "norm1": ("norm1", "norm"), "ffn1.layer1": ("ffn1/fc1", "linear"),
@@ -94,27 +99,18 @@ def _fixed_values(c: ModelConfig) -> Dict[Tuple[str, ...], np.ndarray]:
 
 
 def _to_original_shape(shape: Tuple[int, ...], how: str) -> Tuple[int, ...]:
-  if how == "linear":
-    return tuple(reversed(shape))
-  if how == "conv":
-    return (shape[3], shape[2], shape[0], shape[1])
-  return tuple(shape)
+  permutation = _PERMUTATIONS.get(how)
+  return tuple(shape) if permutation is None else tuple(shape[i] for i in np.argsort(permutation))
 
 
 def _from_original(array: np.ndarray, how: str) -> np.ndarray:
-  if how == "linear":
-    return array.T
-  if how == "conv":
-    return array.transpose(2, 3, 1, 0)
-  return array
+  permutation = _PERMUTATIONS.get(how)
+  return array if permutation is None else array.transpose(permutation)
 
 
 def _to_original(array: np.ndarray, how: str) -> np.ndarray:
-  if how == "linear":
-    return array.T
-  if how == "conv":
-    return array.transpose(3, 2, 0, 1)
-  return array
+  permutation = _PERMUTATIONS.get(how)
+  return array if permutation is None else array.transpose(np.argsort(permutation))
 
 
 def _leaf(tree: Mapping[str, Any], path: Tuple[str, ...]) -> Any:
@@ -154,21 +150,39 @@ _ARG_IGNORED = ("num_params_total",)
 
 def model_config_from_args(original_args: Union[Mapping[str, Any], str, os.PathLike]
                            ) -> ml_collections.ConfigDict:
-  """The original builder's keyword arguments (dict or JSON path) -> our `config.model`."""
+  """The original constructor's keyword arguments (dict or JSON path) -> our `config.model`.
+
+  An `arch` entry (an original builder name such as 'mae_plusplus_tiny', as in the official
+  config files' `model.arch`) supplies the encoder size and the builder's defaults, so a config
+  file's `model_args` plus its `arch` suffice.
+  """
+  where = "original_args"
   if isinstance(original_args, (str, os.PathLike)):
-    with open(original_args) as f:
-      original_args = json.load(f)
+    where = os.fspath(original_args)
+    try:
+      with open(original_args) as f:
+        original_args = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise UserError(f"{where}: cannot read the original arguments as JSON ({e})") from None
+  if not isinstance(original_args, Mapping):
+    raise UserError(f"{where}: expected a JSON object of the original builder's arguments")
   args = dict(original_args)
+  if "arch" in args:
+    args = original_io.builder_args(args.pop("arch"), args, where)
+  missing = [name for name in ("embed_dim", "depth", "num_heads") if name not in args]
+  if missing:
+    raise UserError(f"{where}: {missing} missing; the official configs imply them by the builder "
+                    "name: add \"arch\" (the config's model.arch, e.g. \"mae_plusplus_tiny\") "
+                    "or pass --original_config=FILE")
   model = experiment.model_config(size=None)
   unknown = sorted(set(args) - set(_ARG_FIELDS) - set(_ARG_REQUIRED) - set(_ARG_IGNORED)
                    - {f"{p}_{o}" for p in ("encoder", "decoder")
                       for o in ("plusplus_block", "use_swiglu_final_ffn", "use_rope")})
   if unknown:
-    raise ValueError(f"original_args: unknown arguments {unknown}")
+    raise UserError(f"{where}: unknown arguments {unknown}")
   for name, required in _ARG_REQUIRED.items():
     if name in args and args[name] != required:
-      raise ValueError(f"original_args: {name}={args[name]!r} is not supported "
-                       f"(only {required!r})")
+      raise UserError(f"{where}: {name}={args[name]!r} is not supported (only {required!r})")
   for name, field in _ARG_FIELDS.items():
     if name in args:
       value = args[name]
@@ -177,16 +191,19 @@ def model_config_from_args(original_args: Union[Mapping[str, Any], str, os.PathL
     plusplus = bool(args.get(f"{part}_plusplus_block", False))
     swiglu = bool(args.get(f"{part}_use_swiglu_final_ffn", False))
     if swiglu != plusplus:
-      raise ValueError(f"original_args: {part}_plusplus_block={plusplus} with "
-                       f"{part}_use_swiglu_final_ffn={swiglu} is not supported (transformer++ "
-                       "blocks here always end with SwiGLU; vanilla blocks never do)")
+      raise UserError(f"{where}: {part}_plusplus_block={plusplus} with "
+                      f"{part}_use_swiglu_final_ffn={swiglu} is not supported (transformer++ "
+                      "blocks here always end with SwiGLU; vanilla blocks never do)")
     model[f"{part}_block"] = "plusplus" if plusplus else "vit"
     model[f"{part}_rope"] = "sequence" if args.get(f"{part}_use_rope", False) else "none"
   sizes = {v: k for k, v in ENCODER_SIZES.items()}
   size = sizes.get((model.width, model.depth, model.num_heads))
   if size is not None:
     model.size, model.width, model.depth, model.num_heads = size, None, None, None
-  resolve_model_config(model)
+  try:
+    resolve_model_config(model)
+  except ValueError as e:
+    raise UserError(f"{where}: {e}") from None
   return model
 
 
@@ -198,8 +215,8 @@ def original_args_from_config(model_config: Any) -> Dict[str, Any]:
                                ("decoder_rope", c.decoder_rope, ("none", "sequence")),
                                ("swiglu_norm", c.swiglu_norm, ("shared",))):
     if value not in allowed:
-      raise ValueError(f"config.model.{name}={value!r} has no equivalent in the original "
-                       f"(only {list(allowed)})")
+      raise UserError(f"config.model.{name}={value!r} has no equivalent in the original "
+                      f"(only {list(allowed)})")
   args = {name: getattr(c, field) for name, field in _ARG_FIELDS.items()}
   args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
   if not c.norm_pix_loss:
@@ -213,61 +230,54 @@ def original_args_from_config(model_config: Any) -> Dict[str, Any]:
   return args
 
 
-def _read_weights(weights: Union[Mapping[str, Any], str, os.PathLike]) -> Dict[str, np.ndarray]:
-  """A state dict from a `.pth` / `.npz` path or a mapping, as NumPy arrays."""
-  if isinstance(weights, Mapping):
-    state = dict(weights)
-  else:
-    path = os.fspath(weights)
-    if path.endswith(".npz"):
-      with np.load(path) as data:
-        state = {k: data[k] for k in data.files}
-    elif path.endswith((".pth", ".pt")):
-      try:
-        import torch  # pylint: disable=g-import-not-at-top
-      except ImportError as e:
-        raise ImportError(f"reading {path} needs PyTorch (pip install torch, or "
-                          "`pip install audiomaepp[torch]`); or convert it to .npz") from e
-      try:
-        # weights_only: never run arbitrary pickled code from a checkpoint file.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-      except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path} holds more than tensors (e.g. training args); if you trust it, save its "
-            "state dict alone: torch.save(torch.load(path, weights_only=False)['model'], "
-            "'model.pth')") from e
-      if isinstance(checkpoint, Mapping) and "model" in checkpoint:
-        checkpoint = checkpoint["model"]
-      state = {k: v.detach().cpu().float().numpy() for k, v in checkpoint.items()}
-    else:
-      raise ValueError(f"weights {path}: expected a .pth, .pt or .npz file")
-  if "model" in state and isinstance(state["model"], Mapping):
-    state = dict(state["model"])
-  return {k: np.asarray(v, np.float32) for k, v in state.items()}
+def _model_config(checkpoint: original_io.OriginalCheckpoint,
+                  original_args: Union[Mapping[str, Any], str, os.PathLike, None]
+                  ) -> ml_collections.ConfigDict:
+  """The model of `original_args`, cross-checked with the checkpoint's saved trainer args."""
+  saved = checkpoint.original_args
+  if original_args is None and saved is None:
+    raise UserError(f"{checkpoint.source}: the checkpoint does not record its model; pass "
+                    "--original_config=FILE (the run's config file) or --original_args=JSON")
+  model_config = model_config_from_args(saved if original_args is None else original_args)
+  if original_args is not None and saved is not None:
+    given = resolve_model_config(model_config)
+    recorded = resolve_model_config(model_config_from_args(saved))
+    differ = [f"{f.name} {getattr(given, f.name)!r} vs {getattr(recorded, f.name)!r}"
+              for f in dataclasses.fields(ModelConfig)
+              if getattr(given, f.name) != getattr(recorded, f.name)]
+    if differ:
+      raise UserError(f"{checkpoint.source}: the model given differs from the one its saved args "
+                      f"record (given vs saved): {'; '.join(differ)}")
+  return model_config
 
 
 def load(weights: Union[Mapping[str, Any], str, os.PathLike],
-         original_args: Union[Mapping[str, Any], str, os.PathLike]
+         original_args: Union[Mapping[str, Any], str, os.PathLike, None] = None
          ) -> Tuple[ml_collections.ConfigDict, Dict[str, Any]]:
   """Loads an original checkpoint.
 
   Args:
-    weights: `.pth` (a dict with key 'model' or a bare state dict; needs PyTorch), `.npz`, or a
-      mapping of arrays with the original key names.
-    original_args: the original builder's keyword arguments (dict or JSON path), e.g.
-      fixtures/*_config.json.
+    weights: a mapping of arrays with the original key names, an `.npz`, a `.pth` (bare state
+      dict, the original trainer's `{'model': ..., 'args': ...}` or `{'state_dict': ...}`; needs
+      PyTorch) or an original run directory (its newest checkpoint). A DDP `module.` prefix is
+      stripped.
+    original_args: the original builder's keyword arguments (dict or JSON path, e.g.
+      fixtures/*_config.json, or `original_io.read_config_file`'s result); None takes them from
+      the checkpoint's saved trainer args, which are otherwise cross-checked against them.
 
   Returns:
     (model_config, variables): `config.model` for `build_model`, and {'params': ...} of plain
     float32 jax arrays.
 
   Raises:
-    ValueError: listing every missing and unexpected key and every shape mismatch, or when a
-      stored fixed table differs from ours.
+    UserError: listing every missing and unexpected key and every shape mismatch, naming a
+      non-finite weight, or when a stored fixed table differs from ours by more than its stored
+      dtype's rounding.
   """
-  model_config = model_config_from_args(original_args)
+  checkpoint = original_io.read_checkpoint(weights)
+  model_config = _model_config(checkpoint, original_args)
   c = resolve_model_config(model_config)
-  state = _read_weights(weights)
+  state = checkpoint.state
   names = state_dict_names(c)
   expected = state_dict_shapes(c)
   missing = sorted(set(names) - set(state))
@@ -275,20 +285,25 @@ def load(weights: Union[Mapping[str, Any], str, os.PathLike],
   mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)}, expected {expected[k]}"
                       for k in set(names) & set(state) if tuple(state[k].shape) != expected[k])
   if missing or unexpected or mismatched:
-    raise ValueError(
-        "original checkpoint does not match the model of original_args:\n"
-        f"  missing keys ({len(missing)}): {missing}\n"
-        f"  unexpected keys ({len(unexpected)}): {unexpected}\n"
-        f"  shape mismatches ({len(mismatched)}): {mismatched}")
+    raise UserError(
+        f"{checkpoint.source}: the checkpoint does not match the model of the original "
+        f"arguments: missing keys ({len(missing)}): {missing}; unexpected keys "
+        f"({len(unexpected)}): {unexpected}; shape mismatches ({len(mismatched)}): {mismatched}")
+  non_finite = sorted(k for k in names if not np.isfinite(state[k]).all())
+  if non_finite:
+    raise UserError(f"{checkpoint.source}: non-finite weights (NaN or inf) in {non_finite}; "
+                    "refusing to import them")
 
   fixed = _fixed_values(c)
   params: Dict[str, Any] = {}
   for key, (path, how) in names.items():
     if how == "fixed":
+      # A table stored in float16/bfloat16 carries that dtype's rounding (up to half an ulp).
+      tolerance = max(FIXED_TOLERANCE, checkpoint.eps[key])
       error = float(np.max(np.abs(state[key] - fixed[path])))
-      if error > FIXED_TOLERANCE:
-        raise ValueError(f"original checkpoint: {key} differs from the fixed table this "
-                         f"model computes (max abs difference {error:.3g})")
+      if error > tolerance:
+        raise UserError(f"{checkpoint.source}: {key} differs from the fixed table this model "
+                        f"computes (max abs difference {error:.3g}, tolerance {tolerance:.3g})")
       continue
     node = params
     for name in path[:-1]:
@@ -303,11 +318,15 @@ def load(weights: Union[Mapping[str, Any], str, os.PathLike],
 def import_to_workdir(weights: str, output_dir: str,
                       config: ml_collections.ConfigDict | None = None,
                       original_args: str | dict | None = None) -> ml_collections.ConfigDict:
-  """Converts `weights` and writes config.json and a step-0 params checkpoint into `output_dir`."""
-  if (config is None) == (original_args is None):
-    raise ValueError("pass exactly one of config or original_args")
+  """Converts `weights` and writes config.json and a step-0 params checkpoint into `output_dir`.
+
+  The model comes from `config.model`, from `original_args`, or (neither given) from the
+  checkpoint's saved trainer args.
+  """
+  if config is not None and original_args is not None:
+    raise ValueError("pass at most one of config or original_args")
   if os.path.exists(os.path.join(output_dir, checkpointing.CHECKPOINT_DIR)):
-    raise FileExistsError(f"{output_dir} already holds checkpoints; choose an empty directory")
+    raise UserError(f"{output_dir} already holds checkpoints; choose an empty directory")
   if config is None:
     config = experiment.base_config()
     config.model, variables = load(weights, original_args)

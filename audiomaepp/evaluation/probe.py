@@ -45,8 +45,9 @@ class ProbeConfig:
   # hear-eval-kit feeds embeddings unnormalised (its `embedding_norm` is Identity); True applies
   # a StandardScaler fitted on the training split instead.
   standardize: bool = False
-  # Reshuffle the training examples every epoch. hear-eval-kit's k-fold-capable versions pass the
-  # training split as a list and so never shuffle (docs/evaluation.md); False reproduces that.
+  # Reshuffle the training examples every epoch. hear-eval-kit never reshuffles: it trains on the
+  # order it stored when embedding (docs/evaluation.md); False keeps the rows' order, which
+  # `heareval.arrange` sets.
   shuffle: bool = True
 
   @property
@@ -152,6 +153,94 @@ class _Carry(NamedTuple):
   key: jax.Array
 
 
+def _score(params, batch_stats, x, y, *, metric: str, multilabel: bool) -> jax.Array:
+  """The metric of the inference-mode probe's predictions on (x, y)."""
+  logits = probe_logits(params, batch_stats, x)
+  predictions = jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits)
+  return scores.METRICS[metric](predictions, y)
+
+
+def _loss(params, batch_stats, x, y, mask, dropout_rate, key, *, multilabel: bool):
+  """Masked mean training loss of a batch and the updated BatchNorm statistics."""
+  logits, new_stats = train_logits(params, batch_stats, x, mask, dropout_rate, key)
+  if multilabel:
+    per_row = optax.sigmoid_binary_cross_entropy(logits, y).mean(-1)
+  else:
+    per_row = optax.softmax_cross_entropy(logits, y)
+  return (per_row * mask).sum() / mask.sum(), new_stats
+
+
+def _fit_member(params, batch_stats, key, dropout_rate, data: SplitData, *, config: ProbeConfig,
+                metric: str, multilabel: bool):
+  """Trains one probe with early stopping; returns its best validation score, that check's test
+  score, the best check and the checks run."""
+  n_train = data.train_x.shape[0]
+  batch = min(config.batch_size, n_train)
+  steps = -(-n_train // batch)
+  optimizer = optax.adam(config.learning_rate)
+  mask = (jnp.arange(steps * batch) < n_train).astype(jnp.float32).reshape(steps, batch)
+  # One flat vector for parameters and statistics: the optimiser update and the early-stopping
+  # bookkeeping become a few large operations instead of one per leaf, which shortens
+  # compilation considerably.
+  params, unravel_params = jax.flatten_util.ravel_pytree(params)
+  batch_stats, unravel_stats = jax.flatten_util.ravel_pytree(batch_stats)
+
+  def flat_loss(params, batch_stats, *args):
+    loss, new_stats = _loss(unravel_params(params), unravel_stats(batch_stats), *args,
+                            multilabel=multilabel)
+    return loss, jax.flatten_util.ravel_pytree(new_stats)[0]
+
+  def flat_score(params, batch_stats, x, y):
+    return _score(unravel_params(params), unravel_stats(batch_stats), x, y, metric=metric,
+                  multilabel=multilabel)
+
+  def train_step(state, inputs):
+    index, step_mask, step_key = inputs
+    grads, new_stats = jax.grad(flat_loss, has_aux=True)(
+        state.params, state.batch_stats, data.train_x[index], data.train_y[index], step_mask,
+        dropout_rate, step_key)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return _State(optax.apply_updates(state.params, updates), new_stats, opt_state), None
+
+  def train_epoch(state, epoch_keys):
+    if config.shuffle:
+      # Arg-sort of random 32-bit words: one random-number call site instead of the several of
+      # `jax.random.permutation`, which keeps compilation short.
+      order = jnp.argsort(jax.random.bits(epoch_keys[0], (n_train,)), stable=True)
+    else:
+      order = jnp.arange(n_train)
+    index = jnp.pad(order, (0, steps * batch - n_train)).reshape(steps, batch)
+    state, _ = jax.lax.scan(train_step, state, (index, mask, epoch_keys[1:]))
+    return state, None
+
+  def keep_training(carry):
+    return (carry.checks < config.max_checks) & (carry.stale < config.patience)
+
+  def check_round(carry):
+    keys = jax.random.split(carry.key, 1 + config.validate_every * (1 + steps))
+    epoch_keys = keys[1:].reshape(config.validate_every, 1 + steps)
+    state, _ = jax.lax.scan(train_epoch, carry.state, epoch_keys)
+    score = flat_score(state.params, state.batch_stats, data.valid_x, data.valid_y)
+    # Strictly better, as PyTorch Lightning's EarlyStopping and ModelCheckpoint (mode 'max').
+    improved = score > carry.best_score
+    return _Carry(
+        state=state,
+        best_params=jnp.where(improved, state.params, carry.best_params),
+        best_batch_stats=jnp.where(improved, state.batch_stats, carry.best_batch_stats),
+        best_score=jnp.where(improved, score, carry.best_score),
+        best_check=jnp.where(improved, carry.checks + 1, carry.best_check),
+        checks=carry.checks + 1,
+        stale=jnp.where(improved, 0, carry.stale + 1),
+        key=keys[0])
+
+  state = _State(params, batch_stats, optimizer.init(params))
+  carry = _Carry(state, params, batch_stats, jnp.array(-jnp.inf), jnp.array(0), jnp.array(0),
+                 jnp.array(0), key)
+  carry = jax.lax.while_loop(keep_training, check_round, carry)
+  test = flat_score(carry.best_params, carry.best_batch_stats, data.test_x, data.test_y)
+  return carry.best_score, test, carry.best_check, carry.checks
+
+
 @functools.partial(jax.jit, static_argnames=("config", "metric", "multilabel"))
 def _fit_members(params, batch_stats, keys, dropout_rates, data: SplitData, *,
                  config: ProbeConfig, metric: str, multilabel: bool):
@@ -159,86 +248,8 @@ def _fit_members(params, batch_stats, keys, dropout_rates, data: SplitData, *,
 
   Returns per member: best validation score, its test score, the best check and checks run.
   """
-  n_train = data.train_x.shape[0]
-  batch = min(config.batch_size, n_train)
-  steps = -(-n_train // batch)
-  optimizer = optax.adam(config.learning_rate)
-  metric_fn = scores.METRICS[metric]
-  mask = (jnp.arange(steps * batch) < n_train).astype(jnp.float32).reshape(steps, batch)
-
-  def evaluate(params, batch_stats, x, y):
-    logits = probe_logits(params, batch_stats, x)
-    predictions = jax.nn.sigmoid(logits) if multilabel else jax.nn.softmax(logits)
-    return metric_fn(predictions, y)
-
-  def loss_fn(params, batch_stats, x, y, mask, dropout_rate, key):
-    logits, new_stats = train_logits(params, batch_stats, x, mask, dropout_rate, key)
-    if multilabel:
-      per_row = optax.sigmoid_binary_cross_entropy(logits, y).mean(-1)
-    else:
-      per_row = optax.softmax_cross_entropy(logits, y)
-    return (per_row * mask).sum() / mask.sum(), new_stats
-
-  def member(params, batch_stats, key, dropout_rate):
-    # One flat vector per member for parameters and statistics: the optimiser update and the
-    # early-stopping bookkeeping become a few large operations instead of one per leaf, which
-    # shortens compilation considerably.
-    params, unravel_params = jax.flatten_util.ravel_pytree(params)
-    batch_stats, unravel_stats = jax.flatten_util.ravel_pytree(batch_stats)
-
-    def flat_loss(params, batch_stats, *args):
-      loss, new_stats = loss_fn(unravel_params(params), unravel_stats(batch_stats), *args)
-      return loss, jax.flatten_util.ravel_pytree(new_stats)[0]
-
-    def flat_evaluate(params, batch_stats, x, y):
-      return evaluate(unravel_params(params), unravel_stats(batch_stats), x, y)
-
-    def train_step(state, inputs):
-      index, step_mask, step_key = inputs
-      grads, new_stats = jax.grad(flat_loss, has_aux=True)(
-          state.params, state.batch_stats, data.train_x[index], data.train_y[index], step_mask,
-          dropout_rate, step_key)
-      updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-      return _State(optax.apply_updates(state.params, updates), new_stats, opt_state), None
-
-    def train_epoch(state, epoch_keys):
-      if config.shuffle:
-        # Arg-sort of random 32-bit words: one random-number call site instead of the several of
-        # `jax.random.permutation`, which keeps compilation short.
-        order = jnp.argsort(jax.random.bits(epoch_keys[0], (n_train,)), stable=True)
-      else:
-        order = jnp.arange(n_train)
-      index = jnp.pad(order, (0, steps * batch - n_train)).reshape(steps, batch)
-      state, _ = jax.lax.scan(train_step, state, (index, mask, epoch_keys[1:]))
-      return state, None
-
-    def keep_training(carry):
-      return (carry.checks < config.max_checks) & (carry.stale < config.patience)
-
-    def check_round(carry):
-      keys = jax.random.split(carry.key, 1 + config.validate_every * (1 + steps))
-      epoch_keys = keys[1:].reshape(config.validate_every, 1 + steps)
-      state, _ = jax.lax.scan(train_epoch, carry.state, epoch_keys)
-      score = flat_evaluate(state.params, state.batch_stats, data.valid_x, data.valid_y)
-      # Strictly better, as PyTorch Lightning's EarlyStopping and ModelCheckpoint (mode 'max').
-      improved = score > carry.best_score
-      return _Carry(
-          state=state,
-          best_params=jnp.where(improved, state.params, carry.best_params),
-          best_batch_stats=jnp.where(improved, state.batch_stats, carry.best_batch_stats),
-          best_score=jnp.where(improved, score, carry.best_score),
-          best_check=jnp.where(improved, carry.checks + 1, carry.best_check),
-          checks=carry.checks + 1,
-          stale=jnp.where(improved, 0, carry.stale + 1),
-          key=keys[0])
-
-    state = _State(params, batch_stats, optimizer.init(params))
-    carry = _Carry(state, params, batch_stats, jnp.array(-jnp.inf), jnp.array(0), jnp.array(0),
-                   jnp.array(0), key)
-    carry = jax.lax.while_loop(keep_training, check_round, carry)
-    test = flat_evaluate(carry.best_params, carry.best_batch_stats, data.test_x, data.test_y)
-    return carry.best_score, test, carry.best_check, carry.checks
-
+  member = functools.partial(_fit_member, data=data, config=config, metric=metric,
+                             multilabel=multilabel)
   return jax.vmap(member)(params, batch_stats, keys, dropout_rates)
 
 

@@ -6,7 +6,8 @@ mapping file name -> list of labels, and the audio under `16000/<split>/`.
 
 An embedding folder `OUT/<task_name>/` (layout in docs/evaluation.md) holds a copy of
 `task_metadata.json`, `labelvocabulary.csv` and, per split, `<split>.embeddings.npy` (n, D) float32,
-`<split>.labels.json` (list of label lists, file order) and `<split>.filenames.json`.
+`<split>.labels.json` (list of label lists, file order) and `<split>.filenames.json`, and copies of
+the task's `<split>.json` (they fix hear-eval-kit's order; see `heareval`).
 `task_metadata.json` is written last, so its presence marks a complete folder.
 """
 import csv
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -151,7 +153,7 @@ def read_hear_task(task_dir: str | os.PathLike) -> HearTask:
       if not isinstance(row, list):
         raise UserError(f"{path}: labels of {name!r} must be a list, got {row!r}")
       labels.append([str(label) for label in row])
-    _check_labels(labels, vocabulary, metadata["prediction_type"], str(path))
+    check_labels(labels, vocabulary, metadata["prediction_type"], str(path))
     audio_dir = task_dir / str(SAMPLE_RATE) / split
     if not audio_dir.is_dir():
       raise FileNotFoundError(
@@ -199,6 +201,7 @@ def write_task_embeddings(
     metadata: Mapping[str, Any],
     label_vocabulary: Sequence[str],
     splits: Mapping[str, tuple[np.ndarray, Sequence[Sequence[str]], Sequence[str]]],
+    split_files: Mapping[str, str | os.PathLike] | None = None,
 ) -> pathlib.Path:
   """Writes `out_dir/task_name/` for the evaluator and returns its path.
 
@@ -209,6 +212,8 @@ def write_task_embeddings(
     label_vocabulary: labels in index order.
     splits: split -> (embeddings (n, D), labels (n lists of label strings), file names (n)); every
       split named in `metadata['splits']` must be present.
+    split_files: split -> the HEAR task's `<split>.json`, copied (as hear-eval-kit does) so that
+      the kit's training order can be reproduced (`heareval.arrange`).
   """
   task_dir = pathlib.Path(out_dir) / task_name
   missing = [s for s in metadata["splits"] if s not in splits]
@@ -227,7 +232,7 @@ def write_task_embeddings(
           f"got {embeddings.shape}, {len(labels)} labels, {len(filenames)} names")
     if not np.all(np.isfinite(embeddings)):
       raise UserError(f"{task_name}/{split}: embeddings contain NaN or infinite values")
-    _check_labels(labels, vocabulary, metadata["prediction_type"], f"{task_name}/{split}")
+    check_labels(labels, vocabulary, metadata["prediction_type"], f"{task_name}/{split}")
     dims.add(embeddings.shape[1])
     checked[split] = (embeddings, labels, filenames)
   if len(dims) > 1:
@@ -239,6 +244,8 @@ def write_task_embeddings(
     np.save(task_dir / f"{split}.embeddings.npy", embeddings)
     _write_json(task_dir / f"{split}.labels.json", labels)
     _write_json(task_dir / f"{split}.filenames.json", filenames)
+  for split, path in (split_files or {}).items():
+    shutil.copy(path, task_dir / f"{split}.json")
   with open(task_dir / VOCABULARY_FILE, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["idx", "label"])
@@ -280,14 +287,8 @@ def read_task_embeddings(task_dir: str | os.PathLike) -> TaskEmbeddings:
       raise UserError(
           f"{task_dir}/{split}: {len(embeddings)} embeddings, {len(labels)} label rows and "
           f"{len(filenames)} file names; they must match")
-    non_finite = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
-    if non_finite.size:
-      row = int(non_finite[0])
-      raise UserError(
-          f"{path}: split {split!r} row {row} ({filenames[row]}) holds NaN or infinite values "
-          f"({non_finite.size} such rows); a probe trained on them scores at chance: embed the "
-          "task again")
-    _check_labels(labels, vocabulary, metadata["prediction_type"],
+    check_finite(embeddings, path, split, filenames)
+    check_labels(labels, vocabulary, metadata["prediction_type"],
                   f"{task_dir}/{split}.labels.json")
     splits[split] = SplitEmbeddings(embeddings, labels, filenames)
   dims = {s.embeddings.shape[1] for s in splits.values()}
@@ -296,8 +297,21 @@ def read_task_embeddings(task_dir: str | os.PathLike) -> TaskEmbeddings:
   return TaskEmbeddings(task_dir.name, metadata, vocabulary, splits)
 
 
-def _check_labels(labels: Sequence[Sequence[str]], vocabulary: Sequence[str],
-                  prediction_type: str, where: str) -> None:
+def check_finite(embeddings: np.ndarray, path: Any, split: str,
+                 filenames: Sequence[str]) -> None:
+  """Refuses embeddings with NaN or infinite values, naming the file, split and first bad row."""
+  non_finite = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+  if non_finite.size:
+    row = int(non_finite[0])
+    raise UserError(
+        f"{path}: split {split!r} row {row} ({filenames[row]}) holds NaN or infinite values "
+        f"({non_finite.size} such rows); a probe trained on them scores at chance: embed the "
+        "task again")
+
+
+def check_labels(labels: Sequence[Sequence[str]], vocabulary: Sequence[str],
+                 prediction_type: str, where: str) -> None:
+  """Raises if a row names a label outside the vocabulary, or a multiclass row has not one."""
   known = set(vocabulary)
   for i, row in enumerate(labels):
     unknown = [label for label in row if label not in known]

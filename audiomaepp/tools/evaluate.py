@@ -1,13 +1,15 @@
 r"""HEAR-style downstream evaluation of an embeddings directory (SPEC §7).
 
     python -m audiomaepp.tools.evaluate --embeddings_dir=OUT [--seeds=10] [--tasks=a,b] \
-        [--reference=paper] [--reference=other/scores.json] [--output_dir=DIR] [--model_name=NAME]
+        [--order=shuffle|sorted|heareval] [--reference=paper] [--reference=other/scores.json] \
+        [--output_dir=DIR] [--model_name=NAME]
 
-OUT holds one folder per task as written by `audiomaepp.tools.embed`
-(`audiomaepp.evaluation.tasks.write_task_embeddings`). Writes to the output directory (default
-OUT/evaluation): tasks/<task>.json per task (a finished task is reused when the run is resumed with
-the same protocol and seeds), scores.json (every score), results.md (a table like the paper's
-Table 2 with the normalised score) and scores.png (bar chart).
+OUT holds one folder per task, in this project's layout (`audiomaepp.tools.embed`) or
+hear-eval-kit's (`tools.embed --layout=heareval`, or the kit's own embedding runner for any HEAR
+model). Writes to the output directory (default OUT/evaluation): tasks/<task>.json per task (a
+finished task is reused when the run is resumed with the same protocol and seeds), scores.json
+(every score), results.md (a table like the paper's Table 2 with the normalised score) and
+scores.png (bar chart).
 """
 import json
 import os
@@ -18,6 +20,7 @@ from absl import flags
 from absl import logging
 
 from audiomaepp.errors import UserError
+from audiomaepp.evaluation import heareval
 from audiomaepp.evaluation import probe
 from audiomaepp.evaluation import report
 from audiomaepp.evaluation import tasks as tasks_lib
@@ -39,9 +42,10 @@ _MAX_EPOCHS = flags.DEFINE_integer(
 _STANDARDIZE = flags.DEFINE_bool(
     "standardize", False, "Standardise embeddings with train-split statistics (hear-eval-kit "
     "does not; off reproduces the paper's protocol).")
-_SHUFFLE = flags.DEFINE_bool(
-    "shuffle", True, "Reshuffle training examples every epoch (--noshuffle: keep file order, as "
-    "hear-eval-kit's loader ends up doing).")
+_ORDER = flags.DEFINE_enum(
+    "order", "shuffle", heareval.ORDERS, "Training batch order: 'shuffle' (reshuffled every "
+    "epoch), 'sorted' (file names, fixed) or 'heareval' (hear-eval-kit's: the fixed seed-0 "
+    "permutation it stores when embedding, never reshuffled; the paper's numbers).")
 
 
 def main(argv):
@@ -52,7 +56,7 @@ def main(argv):
   if _SEEDS.value < 1:
     raise UserError("--seeds must be at least 1")
   config = probe.ProbeConfig(max_epochs=_MAX_EPOCHS.value, standardize=_STANDARDIZE.value,
-                             shuffle=_SHUFFLE.value)
+                             shuffle=_ORDER.value == "shuffle")
   seeds = list(range(_SEEDS.value))
   references = [report.load_reference(spec) for spec in _REFERENCE.value]
 
@@ -65,7 +69,7 @@ def main(argv):
   if not names:
     raise UserError(f"{embeddings_dir} holds no task folders (each needs task_metadata.json)")
 
-  protocol = {**vars(config), "dropout_rates": list(config.dropout_rates)}
+  protocol = {**vars(config), "dropout_rates": list(config.dropout_rates), "order": _ORDER.value}
   (output_dir / "tasks").mkdir(parents=True, exist_ok=True)
   results = {}
   for i, name in enumerate(names):
@@ -76,7 +80,8 @@ def main(argv):
       results[name] = previous
       continue
     start = time.perf_counter()
-    task = tasks_lib.read_task_embeddings(task_dirs[name])
+    task = heareval.arrange(heareval.read_embeddings(task_dirs[name]), task_dirs[name],
+                            _ORDER.value)
     logging.info("[%d/%d] %s: %s, %d classes, %d splits, %d seeds x %d grid points",
                  i + 1, len(names), name, task.metadata["prediction_type"], len(task.vocabulary),
                  len(task.splits), len(seeds), len(config.dropout_rates))
