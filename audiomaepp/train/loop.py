@@ -115,14 +115,21 @@ def _check_data(data_config: ml_collections.ConfigDict) -> None:
 
 
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """A workdir with checkpoints resumes only with the Grain worker count they were saved with:
-  the iterator state depends on it (restoring it otherwise fails, and would read as damage)."""
+  """A workdir with checkpoints resumes only with the block layout (`model.scan_layers`) and the
+  Grain worker count they were saved with: the parameter tree and the iterator state depend on
+  them (restoring otherwise fails, and would read as damage)."""
   checkpoint_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
   steps = ([n for n in os.listdir(checkpoint_dir) if n.isdigit()]
            if os.path.isdir(checkpoint_dir) else [])
   if not steps or not os.path.exists(os.path.join(workdir, checkpointing.CONFIG_FILE)):
     return
-  recorded = checkpointing.load_config(workdir).data.num_workers
+  recorded_config = checkpointing.load_config(workdir)
+  scanned = models.resolve_model_config(recorded_config.model).scan_layers
+  if scanned != models.resolve_model_config(config.model).scan_layers:
+    raise ConfigError(
+        f"the checkpoints in {workdir} hold {'stacked' if scanned else 'per-block'} layers: "
+        f"resume with --config.model.scan_layers={scanned}, or use a new workdir")
+  recorded = recorded_config.data.num_workers
   if recorded != config.data.num_workers:
     raise ConfigError(
         f"config.data.num_workers={config.data.num_workers} differs from {recorded}, the value "
