@@ -47,7 +47,8 @@ def compile_seconds(config, layers: bool, shallow: bool) -> tuple[float, float]:
   tx = optim.create_optimizer(config, schedule)
   mesh = parallel.create_mesh(config.mesh)
   abstract_state, shardings = loop.state_shardings(model, tx, mesh, config)
-  train_fn = loop.compile_train_step(model, tx, schedule, config.grad_accum_steps, shardings, mesh)
+  train_fn = loop.compile_train_step(model, tx, schedule, config.grad_accum_steps, shardings, mesh,
+                                     parallel.axis_rules(config))
   batch = {"spectrogram": jax.ShapeDtypeStruct(
       (_BATCH_SIZE.value * jax.device_count(), *model.config.input_shape), jnp.float32)}
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32)

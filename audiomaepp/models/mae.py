@@ -116,6 +116,16 @@ def rope_positions(mode: str, patch_ids: jax.Array, grid: Tuple[int, int]) -> Op
   return jnp.concatenate([cls, grid_positions.astype(jnp.int32)], axis=1)
 
 
+# Logical axes of the tokens between blocks: (batch, tokens, channels).
+ACTIVATION_AXES = ("batch", None, None)
+
+
+def _constrain(x: jax.Array) -> jax.Array:
+  """Shards block-boundary activations as the `batch` rule says (a no-op outside
+  `parallel.with_axis_rules`)."""
+  return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
 def _apply_blocks(c: ModelConfig, kind: str, depth: int, num_heads: int, rope: str,
                   x: jax.Array, positions: Optional[jax.Array]) -> jax.Array:
   """`depth` blocks on x, created inside the calling compact module: one scanned module
@@ -125,11 +135,12 @@ def _apply_blocks(c: ModelConfig, kind: str, depth: int, num_heads: int, rope: s
                 attention_impl=c.attention_impl, rope=rope)
   if kind == "plusplus":
     kwargs["swiglu_norm"] = c.swiglu_norm
+  x = _constrain(x)
   if not c.scan_layers:
     for i in range(depth):
-      x = block(name=f"block_{i}", **kwargs)(x, positions)
+      x = _constrain(block(name=f"block_{i}", **kwargs)(x, positions))
     return x
-  scan = nn.scan(lambda module, carry, positions: (module(carry, positions), None),
+  scan = nn.scan(lambda module, carry, positions: (_constrain(module(carry, positions)), None),
                  variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=nn.broadcast, length=depth,
                  metadata_params={nn.PARTITION_NAME: "layers"})

@@ -178,20 +178,25 @@ def init_train_state(model: Any, tx: Any, shardings: step_lib.TrainState,
 
 
 def compile_train_step(model: Any, tx: Any, schedule: Any, grad_accum_steps: int,
-                       shardings: step_lib.TrainState, mesh: jax.sharding.Mesh):
-  """`step.train_step` jitted with explicit shardings; the input state is donated."""
+                       shardings: step_lib.TrainState, mesh: jax.sharding.Mesh,
+                       rules: Optional[Any] = None):
+  """`step.train_step` jitted with explicit shardings under the logical-axis `rules`
+  (`parallel.axis_rules(config)`; None: the batch over every mesh axis); the input state is
+  donated."""
   fn = functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
                          grad_accum_steps=grad_accum_steps)
-  batch = {"spectrogram": parallel.batch_sharding(mesh)}
+  fn = parallel.with_axis_rules(fn, mesh, rules)
+  batch = {"spectrogram": parallel.batch_sharding(mesh, rules)}
   replicated = parallel.replicated(mesh)
   return jax.jit(fn, in_shardings=(shardings, batch, replicated),
                  out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def compile_eval_step(model: Any, params_shardings: Any, mesh: jax.sharding.Mesh):
-  """`step.eval_step` jitted with explicit shardings."""
-  fn = functools.partial(step_lib.eval_step, model=model)
-  batch = {"spectrogram": parallel.batch_sharding(mesh)}
+def compile_eval_step(model: Any, params_shardings: Any, mesh: jax.sharding.Mesh,
+                      rules: Optional[Any] = None):
+  """`step.eval_step` jitted with explicit shardings under the logical-axis `rules`."""
+  fn = parallel.with_axis_rules(functools.partial(step_lib.eval_step, model=model), mesh, rules)
+  batch = {"spectrogram": parallel.batch_sharding(mesh, rules)}
   replicated = parallel.replicated(mesh)
   return jax.jit(fn, in_shardings=(params_shardings, batch, replicated),
                  out_shardings=replicated)
@@ -328,7 +333,7 @@ def _evaluate(config: ml_collections.ConfigDict, eval_fn: Any, params: Any, step
       config.data, split=config.data.eval_split,
       batch_size=config.batch_size // jax.process_count(), seed=config.seed, train=False,
       shard_index=jax.process_index(), shard_count=jax.process_count())
-  sharding = parallel.batch_sharding(mesh)
+  sharding = parallel.batch_sharding(mesh, parallel.axis_rules(config))
   mask_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), EVAL_MASK_STREAM)
   losses, first = [], None
   for index, batch in zip(range(config.eval_batches), iterator):
@@ -390,9 +395,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     start_step = restored.step
     logging.info("resumed from checkpoint step %d", start_step)
 
-  train_fn = compile_train_step(model, tx, schedule, config.grad_accum_steps, shardings, mesh)
-  eval_fn = compile_eval_step(model, shardings.params, mesh)
-  batch_sharding = parallel.batch_sharding(mesh)
+  rules = parallel.axis_rules(config)
+  train_fn = compile_train_step(model, tx, schedule, config.grad_accum_steps, shardings, mesh,
+                                rules)
+  eval_fn = compile_eval_step(model, shardings.params, mesh, rules)
+  batch_sharding = parallel.batch_sharding(mesh, rules)
   rng = jax.device_put(train_rng, parallel.replicated(mesh))
   writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main)
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.peak_flops)
