@@ -1,7 +1,7 @@
 r"""Throughput, FLOPs, MFU and memory of the real pretraining step on synthetic device batches.
 
     python benchmarks/train_step.py --config=configs/base.py --batch_size=128,256 \
-        [--dtype=bfloat16] [--config.model.attention_impl=cudnn] [--config.model.remat=True] \
+        [--dtype=bfloat16] [--config.model.attention_impl=cudnn] [--config.model.remat=full|dots] \
         [--steps=20] [--windows=3] [--warmup=3] [--peak_tflops=T] [--measure_peak] \
         [--breakdown_batch=N] [--max_batch] [--memory_gb=78] [--output=FILE]
 
