@@ -1,13 +1,15 @@
 r"""The project vs the original PyTorch AudioMAE++ on this machine, side by side in one process.
 
     python benchmarks/vs_original.py [--rows=tiny_train,tiny_encode,base_encode] \
-        [--batch_size=32] [--rounds=3] [--original=../shared/original] [--output=FILE]
+        [--batch_size=32] [--rounds=3] [--threads=N] [--original=../shared/original] \
+        [--output=FILE]
 
 Rows (float32, batch 32 by default): the Tiny train step (mask ratio 0.8, AdamW: the original's
 forward, `mae_loss`, backward and `AdamW.step`; the project's `train.loop.compile_train_step`
 with donated state), the Tiny encoder forward on all 250 tokens (`forward_features` under
 `no_grad`; `MaskedAutoencoder.encode` jitted) and the Base encoder forward. Both run with every
-core (`torch.set_num_threads(os.cpu_count())`; XLA:CPU's own pool). Timing is interleaved: each
+core (`torch.set_num_threads(os.cpu_count())`; XLA:CPU's own pool), or with `--threads=1` both
+on one thread (less disturbed by other jobs on a shared machine). Timing is interleaved: each
 round times one call of the original and one of the project back to back, so a busy shared
 machine slows both alike; rates are the median over rounds, and the ratio is the median of the
 per-round ratios. Needs PyTorch and the original's code (`../shared/original`, MIT licence, not
@@ -39,7 +41,11 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size of every row.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per row (after one warm-up call).")
 _ORIGINAL = flags.DEFINE_string("original", os.path.join(REPO, "..", "shared", "original"),
                                 "Directory holding the original's package audiomaepp_original.")
+_THREADS = flags.DEFINE_integer("threads", 0, "1: both on one thread (torch.set_num_threads(1), "
+                                "XLA without its Eigen thread pool); 0: every core.")
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the results as JSON here.")
+
+SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 STEPS_FOR_SCHEDULE = 10_000
 ORIGINAL_DECODER = dict(decoder_embed_dim=384, decoder_depth=4, decoder_num_heads=8,
@@ -62,7 +68,7 @@ def original_calls(size: str, batch: int) -> dict:
   sys.path.insert(0, os.path.abspath(_ORIGINAL.value))
   from audiomaepp_original import models as original_models  # pylint: disable=g-import-not-at-top
   from audiomaepp_original.loss import mae_loss  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(1 if _THREADS.value == 1 else os.cpu_count())
   torch.manual_seed(0)
   model = getattr(original_models, f"mae_plusplus_{size}")(**ORIGINAL_DECODER)
   optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
@@ -139,10 +145,14 @@ def main(argv):
   unknown = sorted(set(_ROWS.value) - set(ROWS))
   if unknown:
     raise app.UsageError(f"--rows: unknown {unknown}; expected some of {ROWS}")
+  if _THREADS.value not in (0, 1):
+    raise app.UsageError("--threads: expected 0 (every core) or 1")
   reason = missing_requirement()
   if reason:
     print(f"vs_original: skipped: {reason}")
     return
+  if _THREADS.value == 1:  # read when JAX starts its CPU backend, i.e. below
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREAD_XLA_FLAGS}"
   env = common.environment()
   batch = _BATCH_SIZE.value
   calls, results = {}, []
@@ -160,6 +170,7 @@ def main(argv):
                                ("project_per_s", "project /s", ".2f"),
                                ("ratio", "project / original", ".2f"))))
   common.write_json(_OUTPUT.value, {"benchmark": "vs_original", "environment": env,
+                                    "threads": _THREADS.value or os.cpu_count(),
                                     "rounds": _ROUNDS.value, "results": results})
 
 
