@@ -4,7 +4,7 @@ Stacked: `encoder/blocks/<leaf>` with a leading depth axis. Per-block: `encoder/
 `encoder/block_1/<leaf>`, ... (also the original checkpoints' layout). The same holds for the
 decoder. Conversion is exact (a stack or a slice) and works on NumPy or JAX arrays.
 """
-from typing import Any, Mapping
+from typing import Any, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -56,3 +56,10 @@ def unstack_blocks(params: Mapping[str, Any]) -> dict:
 def to_layout(params: Mapping[str, Any], scan_layers: bool) -> dict:
   """`params` in the layout of a model with `scan_layers` (either layout in)."""
   return stack_blocks(params) if scan_layers else unstack_blocks(params)
+
+
+def per_block_ndim(path: Tuple[str, ...], leaf: Any) -> int:
+  """Dimensions of a parameter as one block holds it: without the leading depth axis of a
+  stacked block parameter (`path` as in `flax.traverse_util.flatten_dict`)."""
+  stacked = len(path) > 2 and path[0] in PARTS and path[1] == STACKED
+  return leaf.ndim - 1 if stacked else leaf.ndim
