@@ -198,7 +198,7 @@ def test_bfloat16_keeps_a_float32_residual_stream():
   tokens = {}
   for dtype in ("float32", "bfloat16"):
     low = models.MaskedAutoencoder(dataclasses.replace(config, dtype=dtype))
-    encode = jax.jit(lambda v, x, m=low: m.apply(v, x, method=m.encode)["tokens"])
+    encode = micro_models.jit(lambda v, x, m=low: m.apply(v, x, method=m.encode)["tokens"])
     tokens[dtype] = np.asarray(encode(variables, x), np.float32)
   error = np.linalg.norm(tokens["bfloat16"] - tokens["float32"]) / np.linalg.norm(
       tokens["float32"])
