@@ -102,7 +102,7 @@ def base_config(size: Optional[str] = "base", block: str = "plusplus"
       ("embed", "fsdp"),
       ("mlp", None),
       ("heads", None),
-      ("kv", None),
+      ("layers", None),  # the stacked-blocks axis of scanned layers
   )
   return c
 

@@ -23,6 +23,7 @@ from audiomaepp import experiment
 from audiomaepp import original_io
 from audiomaepp.errors import UserError
 from audiomaepp.models import layers
+from audiomaepp.models import layout
 from audiomaepp.models import mae
 from audiomaepp.models.config import ENCODER_SIZES, ModelConfig, resolve_model_config
 
@@ -122,7 +123,7 @@ def _leaf(tree: Mapping[str, Any], path: Tuple[str, ...]) -> Any:
 def state_dict_shapes(model_config: Any) -> Dict[str, Tuple[int, ...]]:
   """Original key -> tensor shape that an original checkpoint of this config holds."""
   c = resolve_model_config(model_config)
-  shapes = mae.param_shapes(c)
+  shapes = mae.param_shapes(dataclasses.replace(c, scan_layers=False))
   fixed = _fixed_values(c)
   return {key: (fixed[path].shape if how == "fixed"
                 else _to_original_shape(_leaf(shapes, path).shape, how))
@@ -132,7 +133,7 @@ def state_dict_shapes(model_config: Any) -> Dict[str, Tuple[int, ...]]:
 def to_state_dict(params: Any, model_config: Any) -> Dict[str, np.ndarray]:
   """Our params (boxed or not) -> the original state dict (NumPy float32, with the tables)."""
   c = resolve_model_config(model_config)
-  params = mae.unbox(params)
+  params = layout.unstack_blocks(mae.unbox(params))
   fixed = _fixed_values(c)
   return {key: (np.array(fixed[path]) if how == "fixed"
                 else _to_original(np.asarray(_leaf(params, path), np.float32), how))
@@ -267,7 +268,7 @@ def load(weights: Union[Mapping[str, Any], str, os.PathLike],
 
   Returns:
     (model_config, variables): `config.model` for `build_model`, and {'params': ...} of plain
-    float32 jax arrays.
+    float32 jax arrays in the config's block layout (stacked when `scan_layers`).
 
   Raises:
     UserError: listing every missing and unexpected key and every shape mismatch, naming a
@@ -312,7 +313,7 @@ def load(weights: Union[Mapping[str, Any], str, os.PathLike],
   if "plusplus" in (c.encoder_block, c.decoder_block) and c.swiglu_norm == "shared":
     logging.info("original checkpoint: norm3 of each transformer++ block is loaded but unused "
                  "(swiglu_norm='shared', as in the original)")
-  return model_config, {"params": params}
+  return model_config, {"params": layout.to_layout(params, c.scan_layers)}
 
 
 def import_to_workdir(weights: str, output_dir: str,

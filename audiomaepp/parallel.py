@@ -1,12 +1,15 @@
 """Device mesh, logical-axis shardings and multi-host helpers.
 
-One `jax.sharding.Mesh` with axes ('data', 'fsdp') spans every device of every host. The batch is
-split over both axes; parameters carry logical axis names ('embed', 'mlp', 'heads', 'kv') that the
-config's `logical_axis_rules` map to mesh axes, so data parallel and FSDP differ only in config.
+One `jax.sharding.Mesh` with axes ('data', 'fsdp') spans every device of every host. Arrays carry
+logical axis names that the config's `logical_axis_rules` map to mesh axes, so data parallel and
+FSDP differ only in config: 'batch' (input batches, and the activations at every block boundary,
+constrained in the model), 'embed', 'mlp', 'heads' (parameters) and 'layers' (the stacked axis
+of scanned blocks).
 """
 import dataclasses
+import functools
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -86,9 +89,28 @@ def param_shardings(abstract_variables: Any, mesh: Mesh, rules: Sequence[tuple[s
       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """The sharding of a global batch: leading axis split over ('data', 'fsdp')."""
-  return NamedSharding(mesh, PartitionSpec(MESH_AXES))
+# The rules when none are given: the batch split over every mesh axis.
+DEFAULT_RULES = ((BATCH_AXIS, MESH_AXES),)
+
+
+def batch_sharding(mesh: Mesh, rules: Optional[Sequence[tuple[str, Any]]] = None
+                   ) -> NamedSharding:
+  """The sharding of a global batch: the leading axis as the `batch` rule maps it."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes((BATCH_AXIS,), rules or DEFAULT_RULES))
+
+
+def with_axis_rules(fn: Callable, mesh: Mesh,
+                    rules: Optional[Sequence[tuple[str, Any]]] = None) -> Callable:
+  """`fn` traced under `mesh` and the logical-axis `rules`, so that the model's activation
+  constraints (`nn.with_logical_constraint`) take effect (they are no-ops without rules)."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+        nn.logical_axis_rules(rules or DEFAULT_RULES):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

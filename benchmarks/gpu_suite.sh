@@ -211,7 +211,9 @@ section embed "${EMBED[@]}" --config=configs/base.py "${MODEL[@]}" --clips=$EMBE
 section lever_xla_attention "${TRAIN[@]}" --config=configs/base.py "${MODEL[@]}" \
   --config.model.attention_impl=xla --batch_size=$ONE "${TIMING[@]}" --output={json}
 section lever_remat "${TRAIN[@]}" --config=configs/base.py "${MODEL[@]}" \
-  --config.model.remat=True --batch_size=$ONE "${TIMING[@]}" --output={json}
+  --config.model.remat=full --batch_size=$ONE "${TIMING[@]}" --output={json}
+section lever_remat_dots "${TRAIN[@]}" --config=configs/base.py "${MODEL[@]}" \
+  --config.model.remat=dots --batch_size=$ONE "${TIMING[@]}" --output={json}
 section lever_no_triton_gemm XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
   "${TRAIN[@]}" --config=configs/base.py "${MODEL[@]}" --batch_size=$ONE "${TIMING[@]}" \
   --output={json}

@@ -1,7 +1,7 @@
 r"""Throughput, FLOPs, MFU and memory of the real pretraining step on synthetic device batches.
 
     python benchmarks/train_step.py --config=configs/base.py --batch_size=128,256 \
-        [--dtype=bfloat16] [--config.model.attention_impl=cudnn] [--config.model.remat=True] \
+        [--dtype=bfloat16] [--config.model.attention_impl=cudnn] [--config.model.remat=full|dots] \
         [--steps=20] [--windows=3] [--warmup=3] [--peak_tflops=T] [--measure_peak] \
         [--breakdown_batch=N] [--max_batch] [--memory_gb=78] [--output=FILE]
 
@@ -119,14 +119,16 @@ def device_batches(bench: Bench, global_batch: int, count: int = 2) -> list[dict
   """`count` different random (global_batch, time, mel) batches created on the devices."""
   shape = (global_batch, *bench.model_config.input_shape)
   make = jax.jit(lambda key: jax.random.normal(key, shape, jnp.float32),
-                 out_shardings=parallel.batch_sharding(bench.mesh))
+                 out_shardings=parallel.batch_sharding(bench.mesh,
+                                                       parallel.axis_rules(bench.config)))
   return [{"spectrogram": make(jax.random.PRNGKey(10 + i))} for i in range(count)]
 
 
 def compile_step(bench: Bench, global_batch: int) -> tuple[Any, float]:
   """(compiled train step for `global_batch`, seconds to lower and compile it)."""
   train_fn = loop.compile_train_step(bench.model, bench.tx, bench.schedule,
-                                     bench.config.grad_accum_steps, bench.shardings, bench.mesh)
+                                     bench.config.grad_accum_steps, bench.shardings, bench.mesh,
+                                     parallel.axis_rules(bench.config))
   batch = {"spectrogram": jax.ShapeDtypeStruct((global_batch, *bench.model_config.input_shape),
                                                jnp.float32)}
   start = time.perf_counter()

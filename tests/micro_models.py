@@ -4,6 +4,7 @@ XLA compilation dominates these tests on CPU, so every config's functions are ca
 whole session, compiled without backend optimisations (about half the compile time, same
 numbers within float32 rounding), and tests reuse the fixture models instead of new inits.
 """
+import dataclasses
 import functools
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 
 from audiomaepp import models
 from audiomaepp import original
+from audiomaepp.models import layout
 from conftest import FIXTURES
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -22,12 +24,14 @@ def jit(fun, **kwargs):
 
 
 @functools.lru_cache(maxsize=None)
-def fixture_model(name):
-  """(ModelConfig, variables, io arrays) of fixture `name`, loaded with `original.load`."""
+def fixture_model(name, scan_layers=True):
+  """(ModelConfig, variables, io arrays) of fixture `name`, loaded with `original.load`, in the
+  stacked (`scan_layers`) or per-block layout."""
   model_config, variables = original.load(FIXTURES / f"{name}_weights.npz",
                                           FIXTURES / f"{name}_config.json")
   io = dict(np.load(FIXTURES / f"{name}_io.npz"))
-  return models.resolve_model_config(model_config), variables, io
+  config = dataclasses.replace(models.resolve_model_config(model_config), scan_layers=scan_layers)
+  return config, {"params": layout.to_layout(variables["params"], scan_layers)}, io
 
 
 @functools.lru_cache(maxsize=None)

@@ -152,3 +152,12 @@ def test_gpu_suite_smoke_runs_every_section(tmp_path):
   parts = suite["sections"]["base"]["breakdown"]
   assert all(parts[k] > 0 for k in ("step_s", "loss_s", "loss_and_grad_s", "optimiser_s"))
   assert (tmp_path / "suite.log").read_text().count("== ") == len(suite["status"])
+
+
+def test_vs_original_skips_with_a_reason_without_the_original(tmp_path):
+  done = subprocess.run([sys.executable, str(BENCHMARKS / "vs_original.py"),
+                         f"--original={tmp_path / 'absent'}"], cwd=ROOT, capture_output=True,
+                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.strip() == (f"vs_original: skipped: the original's code is not at "
+                                 f"{tmp_path / 'absent'} (--original=DIR)")

@@ -10,6 +10,7 @@ import pytest
 from audiomaepp import models
 from audiomaepp import original
 from audiomaepp.models import layers
+from audiomaepp.models import layout
 import micro_models
 from conftest import experiment_config
 
@@ -28,9 +29,10 @@ def _fixture(fixtures_dir, name):
   return weights, args, io
 
 
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("name", FIXTURE_MODELS)
-def test_matches_original_outputs(name):
-  config, variables, io = micro_models.fixture_model(name)
+def test_matches_original_outputs(name, scan_layers):
+  config, variables, io = micro_models.fixture_model(name, scan_layers)
   reconstruct, encode = micro_models.functions(config)
   out = jax.device_get(reconstruct(variables, io["x"], io["ids_keep"], io["ids_restore"]))
   encoded = jax.device_get(encode(variables, io["x"], "original"))
@@ -73,6 +75,7 @@ def test_full_size_state_dict_manifest(fixtures_dir, name):
 @pytest.mark.parametrize("module", ["tiny", "mae_base"])
 def test_state_dict_names_cover_every_parameter_once(module):
   model_config = experiment_config(module).model
+  model_config.scan_layers = False  # the names are per block, as in the original
   targets = [path for path, how in original.state_dict_names(model_config).values()
              if how != "fixed"]
   leaves = jax.tree_util.tree_leaves_with_path(models.param_shapes(model_config))
@@ -81,9 +84,12 @@ def test_state_dict_names_cover_every_parameter_once(module):
   assert sorted(targets) == sorted(params)
 
 
-def test_state_dict_round_trip(fixtures_dir):
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_state_dict_round_trip(fixtures_dir, scan_layers):
   weights, args, _ = _fixture(fixtures_dir, "maepp_micro_rope")
   model_config, variables = original.load(weights, args)
+  model_config.scan_layers = scan_layers
+  variables = {"params": layout.to_layout(variables["params"], scan_layers)}
   exported = original.to_state_dict(variables["params"], model_config)
   stored = np.load(weights)
   assert sorted(exported) == sorted(stored.files)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from audiomaepp import models
 from audiomaepp import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,3 +156,39 @@ def test_eight_devices_match_one_device():
 
 if __name__ == "__main__":
   _parity_losses()
+
+
+def test_batch_sharding_follows_the_batch_rule():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), parallel.MESH_AXES)
+  assert parallel.batch_sharding(mesh).spec == PartitionSpec(("data", "fsdp"))
+  assert parallel.batch_sharding(mesh, (("batch", "data"), ("embed", "fsdp"))).spec == \
+      PartitionSpec("data")
+
+
+def _sharding_constraints(jaxpr):
+  """Specs of the sharding constraints in a jaxpr and the jaxprs nested in it (scan bodies)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "sharding_constraint":
+      found.append(eqn.params["sharding"].spec)
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", None)
+      if inner is not None:
+        found += _sharding_constraints(getattr(inner, "jaxpr", inner))
+  return found
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_block_boundary_activations_follow_the_batch_rule(scan_layers):
+  import micro_models  # pylint: disable=g-import-not-at-top
+  config, variables, io = micro_models.fixture_model("maepp_micro", scan_layers)
+  model = models.MaskedAutoencoder(config)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), parallel.MESH_AXES)
+  apply = lambda v, x: model.apply(v, x, io["ids_keep"], io["ids_restore"])["loss"]
+  assert not _sharding_constraints(jax.make_jaxpr(apply)(variables, io["x"]).jaxpr)
+  rules = (("batch", "data"), ("embed", "fsdp"))
+  constrained = parallel.with_axis_rules(apply, mesh, rules)
+  specs = _sharding_constraints(jax.make_jaxpr(constrained)(variables, io["x"]).jaxpr)
+  # Each stack's input and every block's output (once per scanned stack body).
+  expected = 4 if scan_layers else 2 + config.depth + config.decoder_depth
+  assert specs == [PartitionSpec("data", None, None)] * expected

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from audiomaepp import checkpointing
+from audiomaepp import models
 from audiomaepp.train import loop
 
 
@@ -193,3 +194,17 @@ def test_failed_write_message_names_the_os_cause_first(error, cause):
 
 def test_failed_write_message_without_an_os_cause_is_the_first_line():
   assert loop.describe_error(KeyError("params")) == "KeyError: 'params'"
+
+
+def test_resuming_with_the_other_block_layout_fails_in_one_line(tmp_path):
+  from conftest import experiment_config  # pylint: disable=g-import-not-at-top
+  config = experiment_config("demo")
+  config.model.scan_layers = False
+  checkpointing.save_config(str(tmp_path), config)
+  os.makedirs(tmp_path / checkpointing.CHECKPOINT_DIR / "4")
+  config.model.scan_layers = True
+  with pytest.raises(loop.ConfigError, match=r"hold per-block layers: resume with "
+                     r"--config.model.scan_layers=False, or use a new workdir$"):
+    loop._check_same_model(str(tmp_path), models.resolve_model_config(config.model))
+  config.model.scan_layers = False
+  loop._check_same_model(str(tmp_path), models.resolve_model_config(config.model))

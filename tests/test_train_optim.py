@@ -64,7 +64,8 @@ def test_num_train_steps_overrides_epochs():
   assert optim.total_train_steps(config, 10_000) == 100 * (10_000 // 32)
 
 
-def test_decay_mask_matches_original_rule_on_tiny_model(fixtures_dir):
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_decay_mask_matches_original_rule_on_tiny_model(fixtures_dir, scan_layers):
   """Decayed / not-decayed parameter counts of our Tiny equal the original's param groups.
 
   The original (timm `param_groups_weight_decay`) skips weight decay for 1-D tensors and names
@@ -78,7 +79,9 @@ def test_decay_mask_matches_original_rule_on_tiny_model(fixtures_dir):
   plain_ref = sum(np.prod(v) for k, v in trainable.items()
                   if len(v) < 2 or k.endswith(".bias"))
 
-  params = models.param_shapes(experiment.model_config("tiny"))
+  model_config = experiment.model_config("tiny")
+  model_config.scan_layers = scan_layers
+  params = models.param_shapes(model_config)
   mask = traverse_util.flatten_dict(optim.decay_mask(params))
   flat = traverse_util.flatten_dict(params)
   decayed = sum(np.prod(flat[k].shape) for k, m in mask.items() if m)

@@ -1,4 +1,8 @@
-"""Transformer blocks: the standard pre-norm ViT block and the transformer++ (macaron) block."""
+"""Transformer blocks: the standard pre-norm ViT block and the transformer++ (macaron) block.
+
+The residual stream stays in the dtype it comes in (float32 from the model): each sublayer
+computes in `dtype` and its output is cast back before the add, as PyTorch autocast does.
+"""
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -27,9 +31,9 @@ class ViTBlock(nn.Module):
     width = x.shape[-1]
     attention = layers.MultiHeadAttention(self.num_heads, self.dtype, self.attention_impl,
                                           self.rope, name="attn")
-    x = x + attention(layers.layer_norm("norm1", self.dtype)(x), rope_positions)
+    x = x + attention(layers.layer_norm("norm1", self.dtype)(x), rope_positions).astype(x.dtype)
     mlp = layers.Mlp(int(width * self.mlp_ratio), exact_gelu, self.dtype, name="mlp")
-    return x + mlp(layers.layer_norm("norm2", self.dtype)(x))
+    return x + mlp(layers.layer_norm("norm2", self.dtype)(x)).astype(x.dtype)
 
 
 class PlusPlusBlock(nn.Module):
@@ -51,11 +55,11 @@ class PlusPlusBlock(nn.Module):
     """(batch, tokens, d) -> (batch, tokens, d)."""
     width = x.shape[-1]
     ffn1 = layers.Mlp(int(width * self.mlp_ratio), nn.silu, self.dtype, name="ffn1")
-    x = x + 0.5 * ffn1(layers.layer_norm("norm1", self.dtype)(x))
+    x = x + 0.5 * ffn1(layers.layer_norm("norm1", self.dtype)(x)).astype(x.dtype)
     norm2 = layers.layer_norm("norm2", self.dtype)
     attention = layers.MultiHeadAttention(self.num_heads, self.dtype, self.attention_impl,
                                           self.rope, name="attn")
-    x = x + attention(norm2(x), rope_positions)
+    x = x + attention(norm2(x), rope_positions).astype(x.dtype)
     norm3 = layers.layer_norm("norm3", self.dtype)
     if self.swiglu_norm == "separate":
       swiglu_in = norm3(x)
@@ -66,10 +70,17 @@ class PlusPlusBlock(nn.Module):
         # counts include them. The output is discarded.
         norm3(x)
     swiglu = layers.SwiGLU(layers.swiglu_hidden(width), self.dtype, name="swiglu")
-    return x + swiglu(swiglu_in)
+    return x + swiglu(swiglu_in).astype(x.dtype)
 
 
-def block_class(kind: str, remat: bool) -> type:
-  """The block module class for `kind` ('plusplus' | 'vit'), rematerialised when `remat`."""
+_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def block_class(kind: str, remat: str = "none", scanned: bool = False) -> type:
+  """The block module class for `kind` ('plusplus' | 'vit'), rematerialised with policy `remat`
+  ('none' | 'full' | 'dots'). Under `nn.scan` (`scanned`) common subexpressions may be shared
+  across the remat boundary: the scan's loop already keeps XLA from hoisting them."""
   cls = {"plusplus": PlusPlusBlock, "vit": ViTBlock}[kind]
-  return nn.remat(cls) if remat else cls
+  if remat == "none":
+    return cls
+  return nn.remat(cls, policy=_POLICIES[remat], prevent_cse=not scanned)

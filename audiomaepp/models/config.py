@@ -18,6 +18,9 @@ FRAME_LAYOUTS = ("time_major", "original")
 SWIGLU_NORMS = ("shared", "separate")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = (None, "xla", "cudnn")
+# Rematerialisation of each block in the backward pass: 'none', 'full' (keep only the block's
+# input), 'dots' (keep the outputs of matmuls without batch dimensions, recompute the rest).
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 # Encoder sizes (SPEC §3): width, depth, heads.
@@ -75,7 +78,13 @@ class ModelConfig:
       "time_major", "per-frame features from `encode`: 'time_major' (correct) or 'original' (the "
       "original code's frequency-major regrouping; only to reproduce published numbers)")
   dtype: str = _field("float32", "compute dtype; parameters are always float32")
-  remat: bool = _field(False, "rematerialise each block in the backward pass")
+  scan_layers: bool = _field(
+      True, "encoder and decoder blocks under nn.scan: parameters stacked along a leading "
+      "'layers' axis (encoder/blocks, decoder/blocks), compile time independent of depth; "
+      "False: unrolled blocks encoder/block_0.. (the layout before scanning)")
+  remat: str = _field("none", "rematerialise each block in the backward pass: "
+                      "'none' | 'full' | 'dots' (save matmul outputs); True/False read as "
+                      "'full'/'none'")
   attention_impl: Optional[str] = _field(None, "None (auto) | 'xla' | 'cudnn'")
 
   @property
@@ -138,6 +147,14 @@ def _check_rope(mode: str, width: int, heads: int, name: str) -> None:
                      f"got {width // heads}")
 
 
+def _remat(value: Any) -> str:
+  if isinstance(value, bool):
+    return "full" if value else "none"
+  if value not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat={value!r}: expected one of {list(REMAT_POLICIES)}")
+  return value
+
+
 def resolve_model_config(model_config: Any) -> ModelConfig:
   """Validates `config.model` (ConfigDict, mapping or ModelConfig) and fills in every number.
 
@@ -153,6 +170,10 @@ def resolve_model_config(model_config: Any) -> ModelConfig:
   if unknown:
     raise ValueError(f"config.model has unknown fields {unknown}; known: {sorted(fields)}")
   fields.update(given)
+  if "scan_layers" not in given and isinstance(given.get("remat"), bool):
+    # A config written before scanning existed (its `remat` was a bool): its checkpoints hold
+    # unrolled blocks, so it keeps that layout.
+    fields["scan_layers"] = False
 
   size = fields["size"]
   explicit = [fields[k] for k in ("width", "depth", "num_heads")]
@@ -208,7 +229,8 @@ def resolve_model_config(model_config: Any) -> ModelConfig:
       norm_pix_loss=bool(fields["norm_pix_loss"]),
       frame_layout=_choice(fields, "frame_layout", FRAME_LAYOUTS),
       dtype=_choice(fields, "dtype", tuple(DTYPES)),
-      remat=bool(fields["remat"]),
+      scan_layers=bool(fields["scan_layers"]),
+      remat=_remat(fields["remat"]),
       attention_impl=_choice(fields, "attention_impl", ATTENTION_IMPLS),
   )
   if config.attention_impl == "cudnn" and config.dtype == "float32":

@@ -13,6 +13,7 @@ import numpy as np
 
 from audiomaepp.models import blocks
 from audiomaepp.models import layers
+from audiomaepp.models import layout
 from audiomaepp.models.config import FRAME_LAYOUTS, ModelConfig, resolve_model_config
 
 
@@ -115,18 +116,40 @@ def rope_positions(mode: str, patch_ids: jax.Array, grid: Tuple[int, int]) -> Op
   return jnp.concatenate([cls, grid_positions.astype(jnp.int32)], axis=1)
 
 
-def _blocks(c: ModelConfig, kind: str, depth: int, num_heads: int, rope: str) -> list:
-  """`depth` blocks named block_0.. (created inside the calling compact module)."""
-  block = blocks.block_class(kind, c.remat)
+# Logical axes of the tokens between blocks: (batch, tokens, channels).
+ACTIVATION_AXES = ("batch", None, None)
+
+
+def _constrain(x: jax.Array) -> jax.Array:
+  """Shards block-boundary activations as the `batch` rule says (a no-op outside
+  `parallel.with_axis_rules`)."""
+  return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+def _apply_blocks(c: ModelConfig, kind: str, depth: int, num_heads: int, rope: str,
+                  x: jax.Array, positions: Optional[jax.Array]) -> jax.Array:
+  """`depth` blocks on x, created inside the calling compact module: one scanned module
+  `blocks` (parameters stacked on a leading 'layers' axis) or `block_0`.. when unrolled."""
+  block = blocks.block_class(kind, c.remat, c.scan_layers)
   kwargs = dict(num_heads=num_heads, mlp_ratio=c.mlp_ratio, dtype=c.compute_dtype,
                 attention_impl=c.attention_impl, rope=rope)
   if kind == "plusplus":
     kwargs["swiglu_norm"] = c.swiglu_norm
-  return [block(name=f"block_{i}", **kwargs) for i in range(depth)]
+  x = _constrain(x)
+  if not c.scan_layers:
+    for i in range(depth):
+      x = _constrain(block(name=f"block_{i}", **kwargs)(x, positions))
+    return x
+  scan = nn.scan(lambda module, carry, positions: (_constrain(module(carry, positions)), None),
+                 variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=nn.broadcast, length=depth,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+  x, _ = scan(block(name=layout.STACKED, **kwargs), x, positions)
+  return x
 
 
 class Encoder(nn.Module):
-  """depth x block, then LayerNorm, on [cls, patch tokens]."""
+  """depth x block, then LayerNorm, on [cls, patch tokens] (a float32 residual stream)."""
   config: ModelConfig
 
   @nn.compact
@@ -134,14 +157,17 @@ class Encoder(nn.Module):
     """tokens (batch, 1 + n, D) with cls first; patch_ids (batch or 1, n) -> (batch, 1 + n, D)."""
     c = self.config
     positions = rope_positions(c.encoder_rope, patch_ids, c.grid)
-    x = tokens
-    for block in _blocks(c, c.encoder_block, c.depth, c.num_heads, c.encoder_rope):
-      x = block(x, positions)
+    x = _apply_blocks(c, c.encoder_block, c.depth, c.num_heads, c.encoder_rope, tokens,
+                      positions)
     return layers.layer_norm("norm", c.compute_dtype)(x)
 
 
 class Decoder(nn.Module):
-  """Linear D -> Dd, mask tokens, unshuffle, 1-D sin-cos table, blocks, LayerNorm, Linear."""
+  """Linear D -> Dd, mask tokens, unshuffle, 1-D sin-cos table, blocks, LayerNorm, Linear.
+
+  The tokens between the embedding and the final LayerNorm (the residual stream) are float32
+  whatever the compute dtype, as under PyTorch autocast.
+  """
   config: ModelConfig
 
   @nn.compact
@@ -151,20 +177,19 @@ class Decoder(nn.Module):
     batch, tokens, _ = encoded.shape
     num_patches = ids_restore.shape[1]
     x = layers.dense(c.decoder_width, ("embed", None), "embed", c.compute_dtype)(encoded)
+    x = x.astype(jnp.float32)
     mask_token = self.param(
         "mask_token", layers.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
         (1, 1, c.decoder_width), jnp.float32)
-    mask_tokens = jnp.broadcast_to(mask_token.astype(x.dtype),
-                                   (batch, num_patches + 1 - tokens, c.decoder_width))
+    mask_tokens = jnp.broadcast_to(mask_token, (batch, num_patches + 1 - tokens, c.decoder_width))
     patches = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
     patches = jnp.take_along_axis(patches, ids_restore[:, :, None], axis=1)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
-    x = x + jnp.asarray(layers.sincos_1d_table(c.decoder_width, num_patches), x.dtype)
+    x = x + layers.sincos_1d_table(c.decoder_width, num_patches)
 
     positions = rope_positions(c.decoder_rope, jnp.arange(num_patches)[None], c.grid)
-    for block in _blocks(c, c.decoder_block, c.decoder_depth, c.decoder_num_heads,
-                         c.decoder_rope):
-      x = block(x, positions)
+    x = _apply_blocks(c, c.decoder_block, c.decoder_depth, c.decoder_num_heads, c.decoder_rope,
+                      x, positions)
     x = layers.layer_norm("norm", c.compute_dtype)(x)
     x = layers.dense(c.patch_dim, ("embed", None), "pred", c.compute_dtype)(x)
     return x[:, 1:]
@@ -204,14 +229,12 @@ class MaskedAutoencoder(nn.Module):
     """(batch, time, mel) -> (batch, L, D) patch embeddings plus the 2-D sin-cos table."""
     c = self.config
     tokens = self.patch_embed(x[..., None].astype(c.compute_dtype))
-    tokens = tokens.reshape(x.shape[0], c.num_patches, c.width)
-    table = layers.sincos_2d_table(c.width, c.grid)
-    return tokens + jnp.asarray(table[1:], tokens.dtype)
+    tokens = tokens.reshape(x.shape[0], c.num_patches, c.width).astype(jnp.float32)
+    return tokens + layers.sincos_2d_table(c.width, c.grid)[1:]
 
   def _with_cls(self, tokens: jax.Array) -> jax.Array:
     # The cls slot of the positional table is zero, so cls is prepended unchanged.
-    cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype),
-                           (tokens.shape[0], 1, tokens.shape[2]))
+    cls = jnp.broadcast_to(self.cls_token, (tokens.shape[0], 1, tokens.shape[2]))
     return jnp.concatenate([cls, tokens], axis=1)
 
   def __call__(self, x: jax.Array, ids_keep: Optional[jax.Array] = None,

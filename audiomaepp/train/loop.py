@@ -178,6 +178,11 @@ def _check_same_model(workdir: str, model_config: models.ModelConfig) -> None:
   except ValueError as e:
     raise ConfigError(f"{record}: the recorded model is not valid ({e}); use a new workdir"
                       ) from None
+  if recorded.scan_layers != model_config.scan_layers:
+    raise ConfigError(
+        f"the checkpoints in {workdir} hold "
+        f"{'stacked' if recorded.scan_layers else 'per-block'} layers: resume with "
+        f"--config.model.scan_layers={recorded.scan_layers}, or use a new workdir")
   changed = [f.name for f in dataclasses.fields(recorded)
              if f.name not in ("size", *_IMPLEMENTATION_FIELDS)
              and getattr(recorded, f.name) != getattr(model_config, f.name)]
@@ -230,20 +235,25 @@ def init_train_state(model: Any, tx: Any, shardings: step_lib.TrainState,
 
 
 def compile_train_step(model: Any, tx: Any, schedule: Any, grad_accum_steps: int,
-                       shardings: step_lib.TrainState, mesh: jax.sharding.Mesh):
-  """`step.train_step` jitted with explicit shardings; the input state is donated."""
+                       shardings: step_lib.TrainState, mesh: jax.sharding.Mesh,
+                       rules: Optional[Any] = None):
+  """`step.train_step` jitted with explicit shardings under the logical-axis `rules`
+  (`parallel.axis_rules(config)`; None: the batch over every mesh axis); the input state is
+  donated."""
   fn = functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
                          grad_accum_steps=grad_accum_steps)
-  batch = {"spectrogram": parallel.batch_sharding(mesh)}
+  fn = parallel.with_axis_rules(fn, mesh, rules)
+  batch = {"spectrogram": parallel.batch_sharding(mesh, rules)}
   replicated = parallel.replicated(mesh)
   return jax.jit(fn, in_shardings=(shardings, batch, replicated),
                  out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def compile_eval_step(model: Any, params_shardings: Any, mesh: jax.sharding.Mesh):
-  """`step.eval_step` jitted with explicit shardings."""
-  fn = functools.partial(step_lib.eval_step, model=model)
-  batch = {"spectrogram": parallel.batch_sharding(mesh)}
+def compile_eval_step(model: Any, params_shardings: Any, mesh: jax.sharding.Mesh,
+                      rules: Optional[Any] = None):
+  """`step.eval_step` jitted with explicit shardings under the logical-axis `rules`."""
+  fn = parallel.with_axis_rules(functools.partial(step_lib.eval_step, model=model), mesh, rules)
+  batch = {"spectrogram": parallel.batch_sharding(mesh, rules)}
   replicated = parallel.replicated(mesh)
   return jax.jit(fn, in_shardings=(params_shardings, batch, replicated),
                  out_shardings=replicated)
@@ -409,7 +419,7 @@ def _evaluate(config: ml_collections.ConfigDict, eval_fn: Any, params: Any, step
               mesh: jax.sharding.Mesh, eval_input: _EvalInput, workdir: str,
               writer: metrics_lib.MetricsWriter) -> float:
   """Validation loss over `eval_batches` held-out batches (fixed masks) and a reconstruction PNG."""
-  sharding = parallel.batch_sharding(mesh)
+  sharding = parallel.batch_sharding(mesh, parallel.axis_rules(config))
   mask_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), EVAL_MASK_STREAM)
   losses, first = [], None
   for index, batch in enumerate(eval_input.batches()):
@@ -478,9 +488,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     start_step = restored.step
     logging.info("resumed from checkpoint step %d", start_step)
 
-  train_fn = compile_train_step(model, tx, schedule, config.grad_accum_steps, shardings, mesh)
-  eval_fn = compile_eval_step(model, shardings.params, mesh)
-  batch_sharding = parallel.batch_sharding(mesh)
+  rules = parallel.axis_rules(config)
+  train_fn = compile_train_step(model, tx, schedule, config.grad_accum_steps, shardings, mesh,
+                                rules)
+  eval_fn = compile_eval_step(model, shardings.params, mesh, rules)
+  batch_sharding = parallel.batch_sharding(mesh, rules)
   block = pipeline.host_block(batch_sharding, config.batch_size)
   train_input = _train_input(config, start_step, block)
   eval_input = _EvalInput(config, block)

@@ -7,6 +7,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from audiomaepp.models import layout
+
 
 def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
   """`base_lr` scaled by the effective batch: base_lr * batch_size * grad_accum_steps / 256."""
@@ -49,11 +51,13 @@ def decay_mask(params: Any) -> Any:
   """True for parameters that get weight decay: at least 2 dimensions and not named `bias`.
 
   LayerNorm scales and biases are excluded; patch-embedding kernels, cls and mask tokens are
-  decayed (as the original's `param_groups_weight_decay`).
+  decayed (as the original's `param_groups_weight_decay`). Dimensions are counted per block
+  (scanned blocks' stacked depth axis does not count).
   """
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict(
-      {path: leaf.ndim >= 2 and path[-1] != "bias" for path, leaf in flat.items()})
+      {path: layout.per_block_ndim(path, leaf) >= 2 and path[-1] != "bias"
+       for path, leaf in flat.items()})
 
 
 def create_optimizer(config: ml_collections.ConfigDict,
