@@ -4,8 +4,8 @@ A workdir (from pretraining, or from `tools.import_original`) is a local path or
 `etils.epath` and Orbax read natively (gs://bucket/runs/base; needs `gcsfs`). It holds:
   config.json            the resolved experiment config (the experiment record)
   checkpoints/<step>/    Orbax CheckpointManager steps; item `params` holds the model parameters;
-                         pretraining adds `train_state` (step and optimiser state) and `data_iter`
-                         (the Grain iterator state of each host)
+                         pretraining adds `train_state` (step and optimiser state); the data
+                         position is the step itself (data/pipeline.py), so nothing else is saved
   checkpoints_skipped/   damaged steps moved aside by `restore_with_fallback`
 
 Saves are atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete; on GCS
@@ -20,7 +20,6 @@ import sys
 import time
 from typing import Any, Optional
 
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -36,7 +35,6 @@ CHECKPOINT_DIR = "checkpoints"
 SKIPPED_DIR = "checkpoints_skipped"
 PARAMS_ITEM = "params"
 TRAIN_STATE_ITEM = "train_state"
-DATA_ITER_ITEM = "data_iter"
 
 
 def workdir_path(workdir: Any) -> epath.Path:
@@ -189,31 +187,16 @@ def training_manager(workdir: Any, keep: int, async_save: bool = True) -> ocp.Ch
                             create=True)
 
 
-def save_train_state(manager: ocp.CheckpointManager, step: int, params: Any, train_state: Any,
-                     data_iter: Any = None) -> None:
-  """Starts saving `params`, `train_state` and (if given) the Grain iterator as step `step`.
+def save_train_state(manager: ocp.CheckpointManager, step: int, params: Any,
+                     train_state: Any) -> None:
+  """Starts saving `params` and `train_state` as step `step`.
 
   Returns once device arrays are copied to host; writing continues in the background (see
   `manager.wait_until_finished`). Errors of the background write surface there.
   """
   items = {PARAMS_ITEM: ocp.args.StandardSave(params),
            TRAIN_STATE_ITEM: ocp.args.StandardSave(train_state)}
-  if data_iter is not None:
-    items[DATA_ITER_ITEM] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
   manager.save(step, args=ocp.args.Composite(**items), force=True)
-
-
-class _IteratorSnapshot:
-  """The iterator's state taken now. Orbax runs Grain's handler on its own threads; should it
-  ever do so after `save` returns, the live iterator would have moved on. The snapshot pins the
-  saved position. Its state is bytes (JSON for dataset iterators, as the handler writes them)."""
-
-  def __init__(self, iterator: Any):
-    state = iterator.get_state()
-    self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
-
-  def get_state(self) -> bytes:
-    return self._state
 
 
 def discard_failed_save(manager: ocp.CheckpointManager, step: int) -> None:
@@ -256,11 +239,12 @@ class Restored:
 
 @_quiet_failed_reads()
 def restore_with_fallback(manager: ocp.CheckpointManager, abstract_params: Any,
-                          abstract_train_state: Any, data_iter: Any = None) -> Optional[Restored]:
+                          abstract_train_state: Any) -> Optional[Restored]:
   """Restores the newest step that reads back completely; None when there is no checkpoint.
 
-  Abstract trees are `jax.ShapeDtypeStruct`s with shardings. `data_iter` (a Grain iterator) is
-  restored in place when given. Steps that fail to restore (truncated or deleted files, missing
+  Abstract trees are `jax.ShapeDtypeStruct`s with shardings; other items of a step (the
+  `data_iter` of checkpoints written before the data order was derived from the step) are not
+  read. Steps that fail to restore (truncated or deleted files, missing
   items) are logged with the reason and moved to `checkpoints_skipped/` so later saves can reuse
   their step numbers. Raises RuntimeError when checkpoints exist but none is readable.
   """
@@ -268,8 +252,6 @@ def restore_with_fallback(manager: ocp.CheckpointManager, abstract_params: Any,
   for step in sorted(manager.all_steps(), reverse=True):
     items = {PARAMS_ITEM: ocp.args.StandardRestore(abstract_params),
              TRAIN_STATE_ITEM: ocp.args.StandardRestore(abstract_train_state)}
-    if data_iter is not None:
-      items[DATA_ITER_ITEM] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except

@@ -1,5 +1,5 @@
-"""Training checkpoints: params + train state + Grain iterator, fallback past damaged steps,
-failed writes that leave the previous step restorable."""
+"""Training checkpoints: params + train state, fallback past damaged steps, failed writes that
+leave the previous step restorable."""
 import errno
 import glob
 import os
@@ -25,66 +25,49 @@ def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
-def _iterator():
-  return iter(grain.MapDataset.range(1000).to_iter_dataset())
-
-
 def _save_steps(workdir, steps, keep=5):
-  """Saves `steps` consuming one iterator element between saves; returns the elements seen."""
-  iterator = _iterator()
   with checkpointing.training_manager(workdir, keep=keep) as manager:
     for step in steps:
-      next(iterator)
-      checkpointing.save_train_state(manager, step, _params(step),
-                                     {"step": jnp.int32(step)}, iterator)
+      checkpointing.save_train_state(manager, step, _params(step), {"step": jnp.int32(step)})
     manager.wait_until_finished()
 
 
 def _restore(workdir, rest=None):
-  iterator = _iterator()
   with checkpointing.training_manager(workdir, keep=5) as manager:
-    restored = checkpointing.restore_with_fallback(
-        manager, _abstract(_params(0)), _abstract(rest or {"step": jnp.int32(0)}), iterator)
-  return restored, iterator
+    return checkpointing.restore_with_fallback(
+        manager, _abstract(_params(0)), _abstract(rest or {"step": jnp.int32(0)}))
 
 
-def test_round_trip_with_iterator_state(tmp_path):
+def test_round_trip(tmp_path):
   _save_steps(str(tmp_path), [2, 4])
-  restored, iterator = _restore(str(tmp_path))
+  restored = _restore(str(tmp_path))
   assert restored.step == 4 and not restored.skipped
   np.testing.assert_array_equal(restored.params["dense"]["kernel"], _params(4)["dense"]["kernel"])
   assert int(restored.train_state["step"]) == 4
-  assert next(iterator) == 2  # two elements were consumed before step 4 was saved
   # The `params` item alone still loads (what embedding tools read).
   params = checkpointing.restore_params(str(tmp_path), jax.eval_shape(lambda: _params(0)))
   np.testing.assert_array_equal(params["dense"]["bias"], _params(4)["dense"]["bias"])
 
 
-def test_iterator_position_is_taken_when_the_save_starts(tmp_path, monkeypatch):
-  """Advancing the live iterator right after `save_train_state` must not change what is saved,
-  even while the item's write is still running (exact resume depends on it)."""
-  import time  # pylint: disable=g-import-not-at-top
-  handler_save = grain.checkpoint.CheckpointHandler.save
-
-  def slow_save(self, *args, **kwargs):
-    time.sleep(0.3)  # the training loop runs on meanwhile
-    return handler_save(self, *args, **kwargs)
-
-  monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", slow_save)
-  iterator = _iterator()
+def test_checkpoints_with_a_saved_iterator_still_restore(tmp_path):
+  """Checkpoints written before the data position was derived from the step hold a `data_iter`
+  item (the Grain iterator state); resuming reads the other items and ignores it."""
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
   next(iterator)
   with checkpointing.training_manager(str(tmp_path), keep=2) as manager:
-    checkpointing.save_train_state(manager, 1, _params(1), {"step": jnp.int32(1)}, iterator)
-    for _ in range(5):
-      next(iterator)
+    manager.save(3, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(_params(3)),
+        train_state=ocp.args.StandardSave({"step": jnp.int32(3)}),
+        data_iter=grain.checkpoint.CheckpointSave(iterator)))
     manager.wait_until_finished()
-  restored, resumed = _restore(str(tmp_path))
-  assert restored.step == 1 and next(resumed) == 1
+  assert os.path.isdir(tmp_path / "checkpoints" / "3" / "data_iter")
+  restored = _restore(str(tmp_path))
+  assert restored.step == 3 and not restored.skipped
+  np.testing.assert_array_equal(restored.params["dense"]["kernel"], _params(3)["dense"]["kernel"])
 
 
 def test_no_checkpoint_restores_nothing(tmp_path):
-  restored, _ = _restore(str(tmp_path))
-  assert restored is None
+  assert _restore(str(tmp_path)) is None
 
 
 def _truncate_data_files(step_dir):
@@ -96,24 +79,21 @@ def _truncate_data_files(step_dir):
       handle.truncate(os.path.getsize(f) // 3)
 
 
-@pytest.mark.parametrize("damage", ["truncate_arrays", "delete_item", "delete_iterator_state"])
+@pytest.mark.parametrize("damage", ["truncate_arrays", "delete_item"])
 def test_damaged_latest_step_falls_back_and_says_why(tmp_path, damage, caplog):
   workdir = str(tmp_path)
   _save_steps(workdir, [2, 4, 6])
   step_dir = os.path.join(workdir, "checkpoints", "6")
   if damage == "truncate_arrays":
     _truncate_data_files(step_dir)
-  elif damage == "delete_item":
+  else:
     for f in glob.glob(os.path.join(step_dir, "train_state", "**"), recursive=True)[::-1]:
       os.remove(f) if os.path.isfile(f) else os.rmdir(f)
-  else:
-    os.remove(os.path.join(step_dir, "data_iter", "process_0-of-1.json"))
   with caplog.at_level("WARNING"):
-    restored, iterator = _restore(workdir)
+    restored = _restore(workdir)
   assert restored.step == 4
   assert [s for s, _ in restored.skipped] == [6]
   np.testing.assert_array_equal(restored.params["dense"]["kernel"], _params(4)["dense"]["kernel"])
-  assert next(iterator) == 2
   assert "checkpoint step 6 cannot be restored" in caplog.text
   # The damaged step is kept for inspection, out of the way of the next save of step 6.
   assert os.path.isdir(os.path.join(workdir, checkpointing.SKIPPED_DIR, "6"))
@@ -129,10 +109,11 @@ def test_all_steps_damaged_is_an_error(tmp_path):
     _restore(workdir)
 
 
-def test_failed_write_is_reported_and_previous_step_stays(tmp_path, monkeypatch):
+@pytest.mark.parametrize("keep", [1, 2])
+def test_failed_write_is_reported_and_previous_step_stays(tmp_path, monkeypatch, keep):
   """A write error (here ENOSPC injected into the array writes) fails that save only."""
   workdir = str(tmp_path)
-  checkpointer = loop._Checkpointer(workdir, keep=2)
+  checkpointer = loop._Checkpointer(workdir, keep=keep)
   state = loop.step_lib.TrainState(step=jnp.int32(3), params=_params(3),
                                    opt_state={"count": jnp.int32(7)})
   assert checkpointer.save(3, state) is None
@@ -156,7 +137,7 @@ def test_failed_write_is_reported_and_previous_step_stays(tmp_path, monkeypatch)
   monkeypatch.undo()
   leftovers = [p for p in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in p]
   assert not leftovers  # partial files of the failed save are removed
-  with checkpointing.training_manager(workdir, keep=2) as manager:  # the loop saves no iterator
+  with checkpointing.training_manager(workdir, keep=keep) as manager:
     restored = checkpointing.restore_with_fallback(
         manager, _abstract(_params(0)), _abstract(state.checkpoint_items()[1]))
   assert restored.step == 3 and int(restored.train_state["opt_state"]["count"]) == 7

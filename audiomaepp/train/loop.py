@@ -291,6 +291,7 @@ class _Checkpointer:
 
   def __init__(self, workdir: str, keep: int):
     self.manager = checkpointing.training_manager(workdir, keep)
+    self._workdir = workdir
     self._pending: Optional[int] = None
 
   def wait(self) -> Optional[str]:
@@ -317,8 +318,11 @@ class _Checkpointer:
     """Removes what the failed save of `step` wrote; logs and returns the report."""
     if step is not None:
       checkpointing.discard_failed_save(self.manager, step)
+    # From storage: after a failed background save Orbax's own step list may have dropped the
+    # previous step (keep_checkpoints=1), which is still on disk and restorable.
+    latest = checkpointing.latest_complete_step(self._workdir)
     message = (f"checkpoint save at step {step} failed ({describe_error(error)}); "
-               f"latest complete checkpoint: {self.latest_step()}")
+               f"latest complete checkpoint: {latest}")
     logging.error(message)
     return message
 
