@@ -4,7 +4,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,8 @@ import pytest
 from audiomaepp import checkpointing
 from audiomaepp import hosts
 from audiomaepp import metrics
+
+import main_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST_LOST = 75
@@ -94,27 +95,12 @@ def test_an_unanswering_coordinator_is_host_0():
 # End to end: two processes of main.py on one machine, one CPU device each.
 
 STEPS = 16
-SHRUNK = ("--config=configs/demo.py", "--config.model.width=64", "--config.model.depth=1",
-          "--config.model.decoder_width=64", "--config.model.decoder_depth=1",
-          "--config.batch_size=8", f"--config.num_train_steps={STEPS}",
-          "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",
-          "--config.eval_batches=0")
+SHRUNK = main_runs.shrunk_demo(STEPS, checkpoint_every=3)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-              XLA_FLAGS="--xla_backend_optimization_level=0 "
-                        "--xla_force_host_platform_device_count=1")
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  return main_runs.fast_env(tmp_path_factory.mktemp("jax_cache"), devices=1)
 
 
 def _start_pair(workdir, env, port, wrap=()):
@@ -161,7 +147,7 @@ def _wait_for_step(procs, workdir, step):
 def reference(tmp_path_factory, env):
   """An uninterrupted env-only 2-process run."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  codes, outputs = _finish(_start_pair(workdir, env, _free_port()))
+  codes, outputs = _finish(_start_pair(workdir, env, main_runs.free_port()))
   assert codes == [0, 0], "\n".join(o[-2000:] for o in outputs)
   return workdir
 
@@ -181,7 +167,7 @@ def test_env_only_two_process_launch_trains(reference):
 def test_kill9_of_one_host_survivor_reports_and_exits_then_both_resume(tmp_path, env,
                                                                       reference):
   workdir = str(tmp_path / "w")
-  procs = _start_pair(workdir, env, _free_port())
+  procs = _start_pair(workdir, env, main_runs.free_port())
   _wait_for_step(procs, workdir, 7)
   os.killpg(procs[1].pid, signal.SIGKILL)
   killed = time.monotonic()
@@ -201,7 +187,7 @@ def test_kill9_of_one_host_survivor_reports_and_exits_then_both_resume(tmp_path,
   step = int(last.split("at step ")[1].split(";")[0])
   assert checkpoint <= step <= STEPS
 
-  codes, outputs = _finish(_start_pair(workdir, env, _free_port()))
+  codes, outputs = _finish(_start_pair(workdir, env, main_runs.free_port()))
   assert codes == [0, 0], "\n".join(o[-2000:] for o in outputs)
   assert f"resumed from checkpoint step {checkpoint}" in outputs[0]
   losses, expected = _train_losses(workdir), _train_losses(reference)
@@ -217,7 +203,7 @@ def test_supervisor_restarts_after_a_kill_at_a_random_step_and_losses_match(tmp_
   workdir = str(tmp_path / "w")
   supervise = (os.path.join(REPO, "launch", "supervise.sh"), "--max_restarts", "3",
                "--backoff", "20", "--")
-  procs = _start_pair(workdir, env, _free_port(), wrap=supervise)
+  procs = _start_pair(workdir, env, main_runs.free_port(), wrap=supervise)
   kill_step = random.Random(os.getpid()).randint(3, STEPS - 3)
   _wait_for_step(procs, workdir, kill_step)
   victim = random.Random(os.getpid() + 1).randint(0, 1)

@@ -5,7 +5,6 @@ count resumes on another at exactly the next global batch.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -14,29 +13,18 @@ import pytest
 
 from audiomaepp import metrics
 
+import main_runs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
-SHRUNK = ("--config=configs/demo.py", "--config.model.width=64", "--config.model.depth=1",
-          "--config.model.decoder_width=64", "--config.model.decoder_depth=1",
-          "--config.batch_size=8", f"--config.num_train_steps={STEPS}",
-          "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
-          f"--config.eval_every_steps={STEPS}", "--config.eval_batches=1")
+SHRUNK = main_runs.shrunk_demo(STEPS, checkpoint_every=2, eval_every=STEPS)
 # float32 on CPU: the same program on another device layout sums in another order.
 TOLERANCE = 1e-6
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  return main_runs.fast_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _launch(workdir, processes: int, devices: int, env: dict) -> list[subprocess.Popen]:
@@ -45,7 +33,7 @@ def _launch(workdir, processes: int, devices: int, env: dict) -> list[subprocess
                             f"--xla_force_host_platform_device_count={devices}")
   cluster = []
   if processes > 1:
-    cluster = [f"--coordinator_address=127.0.0.1:{_free_port()}",
+    cluster = [f"--coordinator_address=127.0.0.1:{main_runs.free_port()}",
                f"--num_processes={processes}"]
   return [subprocess.Popen(
       [sys.executable, "main.py", *SHRUNK, f"--workdir={workdir}", *cluster,

@@ -25,15 +25,12 @@ from audiomaepp import checkpointing
 from audiomaepp import hear_api
 from audiomaepp import metrics
 import faults
+import main_runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12
 EVERY = 3  # checkpoint_every_steps
-SHRUNK = ("--config=configs/demo.py", "--config.model.width=64", "--config.model.depth=1",
-          "--config.model.decoder_width=64", "--config.model.decoder_depth=1",
-          "--config.batch_size=8", f"--config.num_train_steps={STEPS}",
-          "--config.log_every_steps=1", f"--config.checkpoint_every_steps={EVERY}",
-          "--config.eval_batches=0")
+SHRUNK = main_runs.shrunk_demo(STEPS, checkpoint_every=EVERY)
 WORKERS = "--config.data.num_workers=2"
 # Checkpoint array files of the shrunk model are 0.2-1.3 MB; everything else a run writes
 # (metrics, TensorBoard scalars, the loss curve) stays far below this.
@@ -45,11 +42,7 @@ TMP_MARK = "orbax-checkpoint-tmp"
 def env(tmp_path_factory):
   """Subprocess environment: CPU, a compilation cache shared by the module's runs, and XLA's
   fastest compile (every run, reference included, uses the same flags)."""
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-              XLA_FLAGS="--xla_backend_optimization_level=0")
+  return main_runs.fast_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 class Run:

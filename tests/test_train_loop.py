@@ -21,26 +21,18 @@ from audiomaepp.data import pipeline
 from audiomaepp.train import loop
 from conftest import experiment_config
 import faults
+import main_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 # The demo config shrunk to seconds: same code paths, tiny model and batch.
-SHRUNK = ("--config=configs/demo.py", "--config.model.width=64", "--config.model.depth=1",
-          "--config.model.decoder_width=64", "--config.model.decoder_depth=1",
-          "--config.batch_size=8", f"--config.num_train_steps={STEPS}",
-          "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
-          f"--config.eval_every_steps={STEPS}", "--config.eval_batches=1")
+SHRUNK = main_runs.shrunk_demo(STEPS, checkpoint_every=2, eval_every=STEPS)
 PREEMPTED = 143
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("jax_cache")
-  # XLA's quickest compile (no LLVM optimisation): these runs are dominated by compilation.
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-              XLA_FLAGS="--xla_backend_optimization_level=0")
+  return main_runs.fast_env(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _start(workdir, env, *extra, program=(sys.executable, "main.py")):
