@@ -6,6 +6,7 @@ numbers within float32 rounding), and tests reuse the fixture models instead of 
 """
 import dataclasses
 import functools
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -42,3 +43,14 @@ def functions(config):
   encode = jit(lambda v, x, layout: model.apply(v, x, frame_layout=layout, method=model.encode),
                static_argnums=2)
   return reconstruct, encode
+
+
+def equations(jaxpr) -> Iterator:
+  """Every equation of a jaxpr and of the jaxprs nested in it (scan and remat bodies), in order."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else (param,):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          yield from equations(getattr(inner, "jaxpr", inner))

@@ -245,16 +245,8 @@ def test_swiglu_norm_modes():
 
 def _checkpoints(jaxpr):
   """The remat equations of a jaxpr and of every jaxpr nested in it (scan bodies)."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name.startswith(("checkpoint", "remat")):
-      found.append(eqn)
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else (param,):
-        inner = getattr(sub, "jaxpr", None)
-        if inner is not None:
-          found += _checkpoints(getattr(inner, "jaxpr", inner))
-  return found
+  return [eqn for eqn in micro_models.equations(jaxpr)
+          if eqn.primitive.name.startswith(("checkpoint", "remat"))]
 
 
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])

@@ -167,15 +167,9 @@ def test_batch_sharding_follows_the_batch_rule():
 
 def _sharding_constraints(jaxpr):
   """Specs of the sharding constraints in a jaxpr and the jaxprs nested in it (scan bodies)."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "sharding_constraint":
-      found.append(eqn.params["sharding"].spec)
-    for param in eqn.params.values():
-      inner = getattr(param, "jaxpr", None)
-      if inner is not None:
-        found += _sharding_constraints(getattr(inner, "jaxpr", inner))
-  return found
+  import micro_models  # pylint: disable=g-import-not-at-top
+  return [eqn.params["sharding"].spec for eqn in micro_models.equations(jaxpr)
+          if eqn.primitive.name == "sharding_constraint"]
 
 
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
