@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := espeak-ng fluidsynth fluid-soundfont-gm
 WORKDIR ?= workdirs/demo
 
-.PHONY: setup demo test test-slow test-all
+.PHONY: setup demo test test-fast test-slow test-all
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: unit and parity tests, no subprocess runs of main.py or the CLIs.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not integration" tests
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests

@@ -15,6 +15,9 @@ import sys
 
 import pytest
 
+# Runs main.py or a CLI in subprocesses, or trains end to end: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 # One block each, width 32: compilation dominates, so the model is as small as the code allows.

@@ -25,6 +25,9 @@ from audiomaepp.evaluation import tasks
 from audiomaepp.tools import cli
 import faults
 
+# Runs main.py or a CLI in subprocesses, or trains end to end: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LOG_LINE = re.compile(r"[IWEF]\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\]")
 FIXTURES = REPO.parent / "shared" / "fixtures"

@@ -90,6 +90,7 @@ def test_model_section_is_derived_from_the_one_schema():
   assert args["img_size"] == [200, 80] and args["masking_mode"] == "unstructured"
 
 
+@pytest.mark.integration
 def test_no_top_level_configs_package_is_installed(tmp_path):
   """The package never imports the experiment files, and installs no `configs` package."""
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -100,6 +101,7 @@ def test_no_top_level_configs_package_is_installed(tmp_path):
   assert done.stdout.strip() == "None"
 
 
+@pytest.mark.integration
 def test_config_files_load_beside_another_projects_configs_package(tmp_path):
   """A foreign `configs` package first on sys.path (the original repository has one) is harmless."""
   foreign = tmp_path / "configs"
@@ -115,6 +117,7 @@ def test_config_files_load_beside_another_projects_configs_package(tmp_path):
   assert done.stdout.strip() == "tiny"
 
 
+@pytest.mark.integration
 def test_summary_cli_json():
   result = subprocess.run(
       [sys.executable, "-m", "audiomaepp.tools.summary", "--config=configs/tiny.py", "--json"],

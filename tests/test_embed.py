@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from audiomaepp import audio
 from audiomaepp import checkpointing
@@ -11,6 +12,9 @@ from audiomaepp import hear_api
 from audiomaepp import original
 from audiomaepp.evaluation import tasks
 from audiomaepp import experiment
+
+# Runs main.py or a CLI in subprocesses, or trains end to end: not in `make test-fast`.
+pytestmark = pytest.mark.integration
 
 
 def _run(*args):

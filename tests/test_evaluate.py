@@ -12,6 +12,9 @@ from audiomaepp.evaluation import report
 from audiomaepp.evaluation import scores
 from audiomaepp.evaluation import tasks
 
+# Runs main.py or a CLI in subprocesses, or trains end to end: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BO = "beijing_opera-v1.0-hear2021-full"  # a HEAR name, so the paper's BO column matches it
 

@@ -57,6 +57,7 @@ def test_missing_data_dir_names_the_prepare_command(config):
     train.validate_config(config)
 
 
+@pytest.mark.integration
 def test_base_config_without_data_fails_fast_with_one_line(tmp_path):
   """The CLI path: exit status 1, a single `error:` line on stderr, nothing compiled."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1")

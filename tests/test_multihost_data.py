@@ -15,6 +15,9 @@ from audiomaepp import metrics
 
 import main_runs
 
+# Runs main.py or a CLI in subprocesses, or trains end to end: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 SHRUNK = main_runs.shrunk_demo(STEPS, checkpoint_every=2, eval_every=STEPS)

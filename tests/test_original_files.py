@@ -188,6 +188,7 @@ def test_unreadable_pth_files(tmp_path):
       original_io.read_checkpoint(path)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_trainer_checkpoint_of_the_original_code(fixtures_dir, tmp_path):
   """A run directory written as the original trainer does (checkpoint-<epoch>.pth with the

@@ -135,6 +135,7 @@ def _parity_losses():
   print(json.dumps(results))
 
 
+@pytest.mark.integration
 def test_eight_devices_match_one_device():
   # Eight simulated CPU devices; XLA's quickest compile (the test is dominated by compilation).
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,

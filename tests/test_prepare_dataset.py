@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+# Runs main.py or a CLI in subprocesses, or trains end to end: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

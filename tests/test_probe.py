@@ -32,6 +32,7 @@ def _split_data(parts):
   return probe.SplitData(*[a for part in parts for a in part])
 
 
+@pytest.mark.integration
 def test_probe_learns_a_linearly_separable_task():
   data = _split_data(_blobs([120, 60, 200], spread=0.5))
   runs = probe.train_probes(data, metric="top1_acc", multilabel=False, seeds=range(3))
@@ -48,6 +49,7 @@ def test_probe_is_at_chance_on_shuffled_labels():
   assert abs(runs.test_score.mean() - 0.25) < 0.07
 
 
+@pytest.mark.integration
 def test_probe_learns_a_separable_multilabel_task():
   rng = np.random.default_rng(2)
   parts = []

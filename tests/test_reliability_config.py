@@ -11,6 +11,9 @@ import sys
 
 import pytest
 
+# Runs main.py or a CLI in subprocesses, or trains end to end: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
 

@@ -27,6 +27,9 @@ from audiomaepp import metrics
 import faults
 import main_runs
 
+# Runs main.py or a CLI in subprocesses, or trains end to end: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12
 EVERY = 3  # checkpoint_every_steps

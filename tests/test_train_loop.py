@@ -23,6 +23,9 @@ from conftest import experiment_config
 import faults
 import main_runs
 
+# Runs main.py or a CLI in subprocesses, or trains end to end: not in `make test-fast`.
+pytestmark = pytest.mark.integration
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 # The demo config shrunk to seconds: same code paths, tiny model and batch.
