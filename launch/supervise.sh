@@ -53,6 +53,8 @@ delay=$BACKOFF
 while true; do
   "$@" &
   CHILD=$!
+  # A signal that came before CHILD was set found nothing to forward: forward it now.
+  [[ $STOPPING == 1 ]] && kill -TERM "$CHILD" 2>/dev/null
   # `wait` returns early when a trapped signal arrives: wait again until the command has ended.
   while true; do
     wait "$CHILD"

@@ -93,7 +93,7 @@ def test_imported_checkpoint_restores(fixtures_dir, hear_fixture, tmp_path):
   model = hear_api.load_model(workdir, frame_layout="original")
   scene = hear_api.get_scene_embeddings(hear_fixture["audio__chirp_3p7s"][None], model)
   np.testing.assert_allclose(scene, hear_fixture["scene__chirp_3p7s"], atol=1e-4)
-  with pytest.raises(FileExistsError, match="already holds checkpoints"):
+  with pytest.raises(errors.UserError, match="already holds checkpoints"):
     original.import_to_workdir(str(fixtures_dir / "maepp_micro_weights.npz"), workdir,
                                       original_args=str(fixtures_dir / "maepp_micro_config.json"))
 

@@ -142,7 +142,7 @@ def test_eight_devices_match_one_device():
              XLA_FLAGS=("--xla_force_host_platform_device_count=8 "
                         "--xla_backend_optimization_level=0"))
   proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=540)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.loads(proc.stdout.strip().splitlines()[-1])
   single = np.array(results["single"]["losses"])

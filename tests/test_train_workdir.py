@@ -128,7 +128,7 @@ def test_restart_with_another_model_is_refused_before_anything_is_written(config
 def test_restart_accepts_other_fields(config, tmp_path):
   """Fields outside the model section, and how the model is computed (remat), may change."""
   workdir = _workdir_with_checkpoint(tmp_path / "w", config)
-  config.num_train_steps, config.model.remat = 99, True
+  config.num_train_steps, config.model.remat = 99, "full"
   config.model.size, config.model.width = "tiny", 64  # same resolved numbers: the same model
   loop._check_same_model(str(workdir), models.resolve_model_config(config.model))
 
