@@ -168,6 +168,7 @@ def test_log_mel_file_rejects_files_shorter_than_one_window(tmp_path):
     audio.log_mel_file(str(path))
 
 
+@pytest.mark.integration
 def test_hour_long_file_streams_with_bounded_memory(tmp_path):
   """One hour at 16 kHz: the float32 waveform alone would take 230 MB."""
   path = tmp_path / "hour.wav"

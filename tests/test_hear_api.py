@@ -61,6 +61,7 @@ def test_shapes_and_timestamps(micro, seconds, frames):
   assert np.isfinite(scene).all()
 
 
+@pytest.mark.integration
 def test_batch_matches_single_clips(micro):
   model = hear_api.from_variables(*micro)
   audio = np.random.default_rng(1).normal(size=(2, 24000)).astype(np.float32)

@@ -64,6 +64,7 @@ def test_patchify_layout_and_inverse():
   np.testing.assert_array_equal(np.asarray(models.patchify(x[:, None])), patches)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 def test_init_params_logical_axes_and_initialisation(scan_layers):
   config = models.resolve_model_config(dict(size=None, width=32, depth=1, num_heads=2,
@@ -187,6 +188,7 @@ def test_bfloat16_compute_and_norm_pix_targets():
 BF16_RELATIVE_ERROR = 1.9e-2
 
 
+@pytest.mark.integration
 def test_bfloat16_keeps_a_float32_residual_stream():
   """Tiny (random init) in bfloat16 vs float32 on the same weights: relative error of the
   encoder tokens 1.69e-2 with float32 residuals, 2.16e-2 when the residual stream was bfloat16."""
@@ -205,6 +207,7 @@ def test_bfloat16_keeps_a_float32_residual_stream():
   assert 1e-3 < error < BF16_RELATIVE_ERROR
 
 
+@pytest.mark.integration
 def test_rope_patch_2d_uses_true_positions():
   sequence, variables, io = micro_models.fixture_model("maepp_micro_rope")
   two_d = dataclasses.replace(sequence, encoder_rope="patch_2d", decoder_rope="patch_2d")
@@ -230,6 +233,7 @@ def test_rope_patch_2d_uses_true_positions():
                 - first_seq["encoder_out"][:, 1:][:, permutation]).max() > 1e-2
 
 
+@pytest.mark.integration
 def test_swiglu_norm_modes():
   _, variables, _ = micro_models.fixture_model("maepp_micro", scan_layers=False)
   params = {"params": variables["params"]["encoder"]["block_0"]}
@@ -249,6 +253,7 @@ def _checkpoints(jaxpr):
           if eqn.primitive.name.startswith(("checkpoint", "remat"))]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 def test_remat_policy_wraps_every_block(scan_layers):
   config, variables, io = micro_models.fixture_model("maepp_micro", scan_layers)

@@ -41,6 +41,7 @@ def test_probe_learns_a_linearly_separable_task():
   np.testing.assert_array_equal(runs.valid_score, 1.0)
 
 
+@pytest.mark.integration
 def test_probe_is_at_chance_on_shuffled_labels():
   rng = np.random.default_rng(1)
   parts = [(x, y[rng.permutation(len(y))]) for x, y in _blobs([120, 60, 200])]
