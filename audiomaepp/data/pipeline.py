@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from audiomaepp.audio import features
+from audiomaepp.data import rich
 from audiomaepp.data import synthetic
 from audiomaepp.data import worker_memory
 
@@ -41,17 +42,19 @@ _PREPARE_HINT = ("build shards with `python -m audiomaepp.tools.prepare_dataset 
 def dataset_path(data_config: ml_collections.ConfigDict) -> str:
   """Directory of the built dataset (`<data_dir>/<name>/<latest version>`).
 
-  For source 'synthetic' the built-in corpus is built on first use, into `data_dir` or
-  ~/.cache/audiomaepp.
+  For sources 'synthetic' and 'rich' the built-in corpus is built on first use, into `data_dir`
+  or ~/.cache/audiomaepp.
   """
   if data_config.source == "synthetic":
     data_dir = synthetic.build(data_config.data_dir, data_config.synthetic_num_clips)
+  elif data_config.source == "rich":
+    data_dir = rich.build(data_config.data_dir, data_config.synthetic_num_clips)
   elif data_config.source == "tfds":
     data_dir = data_config.data_dir
     if not data_dir:
       raise ValueError(f"config.data.data_dir is not set: {_PREPARE_HINT}")
   else:
-    raise ValueError(f"config.data.source must be 'tfds' or 'synthetic', got "
+    raise ValueError(f"config.data.source must be 'tfds', 'synthetic' or 'rich', got "
                      f"{data_config.source!r}")
   root = os.path.join(data_dir, data_config.name)
   versions = [v for v in (os.listdir(root) if os.path.isdir(root) else [])
