@@ -41,6 +41,8 @@ from audiomaepp import hear_api
 from audiomaepp import metrics
 from audiomaepp import models
 from audiomaepp import train
+from audiomaepp.data import pipeline
+from audiomaepp.data import rich
 from audiomaepp.evaluation import probe
 from audiomaepp.evaluation import scores
 from audiomaepp.evaluation import tasks as tasks_lib
@@ -64,6 +66,10 @@ _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 500, "Probe epoch limit (lower:
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: the config's, x scale).")
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", None, "Corpus size (default: the config's, x scale).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the corpus is built (default: cache).")
+_TREND_STEPS = flags.DEFINE_list(
+    "trend_steps", [], "Also probe both pretrained models at these checkpoint steps (the config "
+    "keeps steps 100, 200, 300): does the score still rise with the budget?")
+_TREND_SEEDS = flags.DEFINE_integer("trend_seeds", 3, "Probe seeds of the trend rows.")
 
 # Row name -> (config argument, pretrained?); the log-mel baseline is the last row.
 MODELS = {
@@ -146,48 +152,66 @@ def main(argv):
       done=all((tasks_dir / t / "task_metadata.json").exists() for t in task_names))
 
   configs = {row: study_config(block) for row, (block, _) in MODELS.items()}
+  data = configs["AudioMAE++"].data
+  stages.run("corpus", lambda: pipeline.dataset_path(data), done=os.path.isdir(
+      rich.dataset_dir(data.data_dir, data.synthetic_num_clips)))
   for row, (block, pretrained) in MODELS.items():
     if pretrained:
       run_dir = workdir / ("audiomaepp" if block == "plusplus" else "mae")
       stages.run(f"pretrain {row}", lambda c=configs[row], d=run_dir: train.run(c, str(d)),
                  done=_finished(run_dir, configs[row].num_train_steps))
 
-  for row, (block, pretrained) in MODELS.items():
+  run_dirs = {"AudioMAE++": workdir / "audiomaepp", "MAE": workdir / "mae"}
+  models_to_embed = {row: (lambda r=row: hear_api.load_model(str(run_dirs[r])))
+                     if pretrained else (lambda r=row: random_init_model(configs[r]))
+                     for row, (_, pretrained) in MODELS.items()}
+  for step in _TREND_STEPS.value:
+    for row, run_dir in run_dirs.items():
+      models_to_embed[f"{row} @ step {step}"] = (
+          lambda d=run_dir, s=int(step): hear_api.load_model(str(d), step=s))
+  for row, load in models_to_embed.items():
     out = workdir / "embeddings" / _slug(row)
-    if all(tasks_lib.has_task_embeddings(out, t) for t in task_names):
-      continue
-    model = (hear_api.load_model(str(workdir / ("audiomaepp" if block == "plusplus" else "mae")))
-             if pretrained else random_init_model(configs[row]))
-    stages.run(f"embed {row}", lambda m=model, o=out: [
-        embed.embed_task(str(tasks_dir / t), m, str(o)) for t in task_names])
-  stages.run(f"embed {LOGMEL}", lambda: [
-      embed_logmel(tasks_dir / t, workdir / "embeddings" / _slug(LOGMEL)) for t in task_names],
-      done=all(tasks_lib.has_task_embeddings(workdir / "embeddings" / _slug(LOGMEL), t)
-               for t in task_names))
+    stages.run(f"embed {row}", lambda l=load, o=out: [
+        embed.embed_task(str(tasks_dir / t), l(), str(o)) for t in task_names],
+               done=all(tasks_lib.has_task_embeddings(out, t) for t in task_names))
+  out = workdir / "embeddings" / _slug(LOGMEL)
+  stages.run(f"embed {LOGMEL}", lambda: [embed_logmel(tasks_dir / t, out) for t in task_names],
+             done=all(tasks_lib.has_task_embeddings(out, t) for t in task_names))
 
-  seeds = list(range(_SEEDS.value))
   config = probe.ProbeConfig(max_epochs=_MAX_EPOCHS.value)
-  results = {}
-  for row in ROWS:
-    for task in task_names:
-      cache = workdir / "scores" / _slug(row) / f"{task}.json"
-      if cache.exists() and json.loads(cache.read_text()).get("seeds") == seeds:
-        results[row, task] = json.loads(cache.read_text())
-        continue
-      embeddings = tasks_lib.read_task_embeddings(workdir / "embeddings" / _slug(row) / task)
-      result = stages.run(f"evaluate {row} {task}",
-                          lambda e=embeddings: probe.evaluate_task(e, seeds, config))
-      results[row, task] = {**result.to_json(), "seeds": seeds}
-      cache.parent.mkdir(parents=True, exist_ok=True)
-      cache.write_text(json.dumps(results[row, task]))
+  evaluate = lambda row, seeds: {t: _evaluate(workdir, row, t, seeds, config, stages)
+                                 for t in task_names}
+  results = {row: evaluate(row, list(range(_SEEDS.value))) for row in ROWS}
+  trend = {row: evaluate(row, list(range(_TREND_SEEDS.value)))
+           for row in models_to_embed if "@ step" in row}
+  if trend:  # the final checkpoints, with the trend's seeds
+    trend.update({f"{row} @ step {configs[row].num_train_steps}":
+                  evaluate(row, list(range(_TREND_SEEDS.value))) for row in run_dirs})
 
   output = pathlib.Path(_OUTPUT.value)
-  curves = {row: metrics.read_jsonl(str(workdir / d / metrics.METRICS_FILE))
-            for row, d in (("AudioMAE++", "audiomaepp"), ("MAE", "mae"))}
+  curves = {row: metrics.read_jsonl(str(d / metrics.METRICS_FILE)) for row, d in run_dirs.items()}
   plot_loss_curves(curves, output.with_name(output.stem + "_loss.png"))
   plot_scores(results, task_names, output.with_name(output.stem + "_scores.png"))
-  write_report(output, results, task_names, curves, configs["AudioMAE++"], stages.times, env)
+  setup = {"config": configs["AudioMAE++"], "per_class": _PER_CLASS.value, "seeds": _SEEDS.value,
+           "trend_seeds": _TREND_SEEDS.value,
+           "params": {row: models.parameter_counts(configs[row].model) for row in run_dirs},
+           "command": " ".join(["python", "benchmarks/study.py", *sys.argv[1:]])}
+  write_report(output, results, trend, task_names, curves, setup, stages.times, env)
   print(f"[study] wrote {output}")
+
+
+def _evaluate(workdir: pathlib.Path, row: str, task: str, seeds: list, config: probe.ProbeConfig,
+              stages: Stages) -> dict:
+  """One row's result on one task (TaskResult.to_json()), cached per row, task and seeds."""
+  cache = workdir / "scores" / _slug(row) / f"{task}-{len(seeds)}seeds.json"
+  if cache.exists():
+    return json.loads(cache.read_text())
+  embeddings = tasks_lib.read_task_embeddings(workdir / "embeddings" / _slug(row) / task)
+  result = stages.run(f"evaluate {row} {task} ({len(seeds)} seeds)",
+                      lambda: probe.evaluate_task(embeddings, seeds, config))
+  cache.parent.mkdir(parents=True, exist_ok=True)
+  cache.write_text(json.dumps(result.to_json()))
+  return result.to_json()
 
 
 def _slug(row: str) -> str:
@@ -225,12 +249,11 @@ def plot_scores(results: dict, task_names: list, path: pathlib.Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(7, 4))
-  width = 0.8 / len(ROWS)
-  for i, row in enumerate(ROWS):
-    means = [results[row, t]["mean"] for t in task_names]
-    cis = [results[row, t]["ci"] or 0.0 for t in task_names]
-    ax.bar(np.arange(len(task_names)) + (i - (len(ROWS) - 1) / 2) * width, means, width,
-           yerr=cis, capsize=3, label=row)
+  width = 0.8 / len(results)
+  for i, (row, by_task) in enumerate(results.items()):
+    ax.bar(np.arange(len(task_names)) + (i - (len(results) - 1) / 2) * width,
+           [by_task[t]["mean"] for t in task_names], width,
+           yerr=[by_task[t]["ci"] or 0.0 for t in task_names], capsize=3, label=row)
   ax.set_xticks(range(len(task_names)), task_names)
   ax.set_ylabel("test accuracy (%)")
   ax.set_ylim(0, 100)
@@ -242,12 +265,13 @@ def plot_scores(results: dict, task_names: list, path: pathlib.Path) -> None:
 
 def goals(results: dict, task_names: list) -> list[tuple[str, bool, str]]:
   """The issue's three goals: (statement, met?, the numbers behind it)."""
-  mean = lambda row, t: results[row, t]["mean"]
+  mean = lambda row, t: results[row][t]["mean"]
   pretrained = [r for r, (_, p) in MODELS.items() if p]
+  random_init = next(r for r, (_, p) in MODELS.items() if not p)
   return [
       ("pretrained > random init on every task",
-       all(mean(r, t) > mean("AudioMAE++ (random init)", t) for r in pretrained for t in task_names),
-       "; ".join(f"{t}: " + ", ".join(f"{r} {mean(r, t):.1f}" for r in (*pretrained, "AudioMAE++ (random init)"))
+       all(mean(r, t) > mean(random_init, t) for r in pretrained for t in task_names),
+       "; ".join(f"{t}: " + ", ".join(f"{r} {mean(r, t):.1f}" for r in (*pretrained, random_init))
                  for t in task_names)),
       ("AudioMAE++ >= MAE",
        all(mean("AudioMAE++", t) >= mean("MAE", t) for t in task_names),
@@ -259,25 +283,29 @@ def goals(results: dict, task_names: list) -> list[tuple[str, bool, str]]:
   ]
 
 
-def write_report(output: pathlib.Path, results: dict, task_names: list, curves: dict,
-                 config: ml_collections.ConfigDict, times: dict, env: dict) -> None:
+def score_table(results: dict, task_names: list, normalized: bool = True) -> list[str]:
+  """Markdown rows: mean ± 95% CI per task and (optionally) the normalised score over the rows."""
+  s = scores.normalized_scores(
+      {row: {t: by_task[t]["mean"] for t in task_names} for row, by_task in results.items()},
+      task_names) if normalized else {}
+  lines = ["| model | " + " | ".join(task_names) + (" | s(m) |" if s else " |"),
+           "|---|" + "---|" * (len(task_names) + bool(s))]
+  for row, by_task in results.items():
+    cells = [f"{by_task[t]['mean']:.1f} ± {by_task[t]['ci'] or 0:.1f}" for t in task_names]
+    lines.append(f"| {row} | " + " | ".join(cells) + (f" | {s[row]:.1f} |" if s else " |"))
+  return lines
+
+
+def write_report(output: pathlib.Path, results: dict, trend: dict, task_names: list,
+                 curves: dict, setup: dict, times: dict, env: dict) -> None:
   """OUTPUT: command, setup, table, goals, curves and plots; keeps the notes below the marker."""
-  normalized = scores.normalized_scores(
-      {row: {t: results[row, t]["mean"] for t in task_names} for row in ROWS}, task_names)
-  table = ["| model | " + " | ".join(task_names) + " | s(m) |",
-           "|---|" + "---|" * (len(task_names) + 1)]
-  for row in ROWS:
-    cells = [f"{results[row, t]['mean']:.1f} ± {results[row, t]['ci'] or 0:.1f}" for t in task_names]
-    table.append(f"| {row} | " + " | ".join(cells) + f" | {normalized[row]:.1f} |")
+  config, params = setup["config"], setup["params"]
   final = {row: {s: next((r["loss"] for r in reversed(recs) if r.get("split") == s), None)
                  for s in ("train", "eval")} for row, recs in curves.items()}
-  params = {row: models.parameter_counts(study_config(MODELS[row][0]).model)
-            for row in ("AudioMAE++", "MAE")}
-  command = " ".join(["python", "benchmarks/study.py", *sys.argv[1:]])
   m = config.model
   lines = [
       "# Does pretraining pay? (a miniature of the paper's comparison)", "",
-      "Made by `benchmarks/study.py` (issue 15). Command:", "", f"    {command}", "",
+      "Made by `benchmarks/study.py` (issue 15). Command:", "", f"    {setup['command']}", "",
       f"Machine: {common.describe(env)}. Wall time: {sum(times.values()) / 60:.1f} min in all "
       "(stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ").", "",
       "## Setup", "",
@@ -294,10 +322,10 @@ def write_report(output: pathlib.Path, results: dict, task_names: list, curves: 
       "(the parameters its pretraining started from); the log-mel baseline (per-clip mean and "
       "standard deviation over time of the 80 log-mel bins, 160 values).",
       f"- Tasks: {', '.join(task_names)} from `../shared/evalsuite/make_suite.py --per_class "
-      f"{_PER_CLASS.value} --seed 0` (voices / instruments disjoint across splits); HEAR probe "
-      f"protocol of `audiomaepp.tools.evaluate`, {_SEEDS.value} seeds; test accuracy (%), "
+      f"{setup['per_class']} --seed 0` (voices / instruments disjoint across splits); HEAR probe "
+      f"protocol of `audiomaepp.tools.evaluate`, {setup['seeds']} seeds; test accuracy (%), "
       "mean ± 95% CI over seeds; s(m): normalised score over these rows.", "",
-      "## Results", "", *table, "",
+      "## Results", "", *score_table(results, task_names), "",
       f"![scores]({output.stem}_scores.png)", "",
       "Final masked-patch MSE (train / eval): " + "; ".join(
           f"{row} {v['train']:.3f} / {v['eval']:.3f}" for row, v in final.items()
@@ -305,8 +333,12 @@ def write_report(output: pathlib.Path, results: dict, task_names: list, curves: 
       f"![loss curves]({output.stem}_loss.png)", "",
       "## Goals", "",
       *[f"- {'met' if ok else '**missed**'}: {goal} ({numbers})"
-        for goal, ok, numbers in goals(results, task_names)],
-      "", NOTES_MARKER, ""]
+        for goal, ok, numbers in goals(results, task_names)], ""]
+  if trend:
+    lines += ["## Trend over pretraining steps", "",
+              f"The pretrained models' checkpoints, {setup['trend_seeds']} probe seeds each:", "",
+              *score_table(dict(sorted(trend.items())), task_names, normalized=False), ""]
+  lines += [NOTES_MARKER, ""]
   notes = ""
   if output.exists() and NOTES_MARKER in output.read_text():
     notes = output.read_text().split(NOTES_MARKER, 1)[1].lstrip("\n")

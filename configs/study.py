@@ -11,21 +11,21 @@ from audiomaepp import experiment
 def get_config(block: str = "plusplus"):
   config = experiment.base_config(size=None, block=block)
   m = config.model
-  m.width, m.depth, m.num_heads = 128, 2, 4
-  m.decoder_width, m.decoder_depth, m.decoder_num_heads = 128, 1, 4
+  m.width, m.depth, m.num_heads = 96, 2, 4
+  m.decoder_width, m.decoder_depth, m.decoder_num_heads = 96, 1, 4
   m.encoder_rope = m.decoder_rope = "patch_2d"
   m.dtype = "float32"  # faster than bfloat16 on CPUs
 
   config.data.source = "rich"
-  config.data.synthetic_num_clips = 2048
+  config.data.synthetic_num_clips = 512  # 460 train, 52 eval clips of 2-6 s
 
-  config.batch_size = 32
-  config.num_train_steps = 600
-  config.base_lr = 8e-3  # x 32 / 256: peak learning rate 1e-3
+  config.batch_size = 16
+  config.num_train_steps = 300  # about 10 epochs of the corpus
+  config.base_lr = 1.6e-2  # x 16 / 256: peak learning rate 1e-3
   config.warmup_epochs = 1
   config.log_every_steps = 10
   config.eval_every_steps = 100
   config.eval_batches = 4
-  config.checkpoint_every_steps = 200
-  config.keep_checkpoints = 1
+  config.checkpoint_every_steps = 100
+  config.keep_checkpoints = 3  # steps 100, 200, 300: the study can probe the trend
   return config

@@ -1,13 +1,11 @@
 """The rich built-in corpus: speech and music text, the MIDI writer, the build, missing engines."""
 import importlib.util
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from audiomaepp import audio
 from audiomaepp import errors
 from audiomaepp.data import builders
 from audiomaepp.data import music
@@ -97,21 +95,3 @@ def test_rich_corpus_is_deterministic_labelled_and_built_once(tmp_path):
   assert [rich.CLASSES[k] for k in record["labels"]] == list(clips[1][1])
   assert record["duration"] == pytest.approx(clips[1][0].size / rich.SAMPLE_RATE, abs=1e-4)
   assert rich.build(str(tmp_path), NUM_CLIPS, num_workers=0, progress=False) == root
-
-
-def test_logmel_baseline_is_per_bin_mean_and_std(monkeypatch):
-  monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-  study = importlib.import_module("study")
-  t = np.arange(32000) / 16000
-  waveform = (0.5 * np.sin(2 * np.pi * 1000 * t) * (t < 1)).astype(np.float32)  # 1 s tone, 1 s silence
-  stats = study.logmel_stats(waveform)
-  assert stats.shape == (160,) and stats.dtype == np.float32
-  logmel = audio.log_mel(waveform)
-  np.testing.assert_allclose(stats, np.concatenate([logmel.mean(0), logmel.std(0)]), rtol=1e-5)
-  # Independent reference: the tone's mel bin (HTK mel, 80 bins, 50-8000 Hz) has the highest
-  # mean, and, on for half the clip, the largest spread over time.
-  mel = lambda f: 2595 * np.log10(1 + f / 700)
-  tone_bin = int(np.argmin(np.abs(np.linspace(mel(50), mel(8000), 82)[1:-1] - mel(1000))))
-  assert abs(int(np.argmax(stats[:80])) - tone_bin) <= 1
-  assert abs(int(np.argmax(stats[80:])) - tone_bin) <= 1
-  del sys.modules["study"]
