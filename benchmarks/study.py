@@ -188,6 +188,9 @@ def main(argv):
     trend.update({f"{row} @ step {configs[row].num_train_steps}":
                   evaluate(row, list(range(_TREND_SEEDS.value))) for row in run_dirs})
 
+  checks = {row: {t: representation_checks(workdir / "embeddings" / _slug(row) / t)
+                  for t in task_names}
+            for row in (*ROWS, *(r for r in models_to_embed if r not in ROWS))}
   output = pathlib.Path(_OUTPUT.value)
   curves = {row: metrics.read_jsonl(str(d / metrics.METRICS_FILE)) for row, d in run_dirs.items()}
   plot_loss_curves(curves, output.with_name(output.stem + "_loss.png"))
@@ -196,8 +199,31 @@ def main(argv):
            "trend_seeds": _TREND_SEEDS.value,
            "params": {row: models.parameter_counts(configs[row].model) for row in run_dirs},
            "command": " ".join(["python", "benchmarks/study.py", *sys.argv[1:]])}
-  write_report(output, results, trend, task_names, curves, setup, stages.times, env)
+  write_report(output, results, trend, checks, task_names, curves, setup, stages.times, env)
   print(f"[study] wrote {output}")
+
+
+def representation_checks(task_dir: pathlib.Path) -> dict:
+  """Cheap second opinions on one row's embeddings of one task (seconds, not the protocol).
+
+  `linear`: test accuracy (%) of a multinomial logistic regression on train-standardised
+  embeddings (train + valid to fit), which sees past the scale of the features; `rank`: the
+  effective rank (exp of the entropy of the normalised singular values) of the centred train
+  embeddings, low when the features collapse onto a few directions.
+  """
+  from sklearn import linear_model  # pylint: disable=import-outside-toplevel
+  from sklearn import preprocessing  # pylint: disable=import-outside-toplevel
+  task = tasks_lib.read_task_embeddings(task_dir)
+  fit = ["train", "valid"]
+  x_fit, y_fit = task.embeddings(fit), task.targets(fit).argmax(1)
+  x_test, y_test = task.embeddings(["test"]), task.targets(["test"]).argmax(1)
+  scaler = preprocessing.StandardScaler().fit(x_fit)
+  classifier = linear_model.LogisticRegression(max_iter=3000).fit(scaler.transform(x_fit), y_fit)
+  train = task.embeddings(["train"])
+  singular = np.linalg.svd(train - train.mean(0), compute_uv=False)
+  p = singular / singular.sum()
+  return {"linear": 100 * float((classifier.predict(scaler.transform(x_test)) == y_test).mean()),
+          "rank": float(np.exp(-(p * np.log(p + 1e-12)).sum())), "dim": int(train.shape[1])}
 
 
 def _evaluate(workdir: pathlib.Path, row: str, task: str, seeds: list, config: probe.ProbeConfig,
@@ -296,8 +322,8 @@ def score_table(results: dict, task_names: list, normalized: bool = True) -> lis
   return lines
 
 
-def write_report(output: pathlib.Path, results: dict, trend: dict, task_names: list,
-                 curves: dict, setup: dict, times: dict, env: dict) -> None:
+def write_report(output: pathlib.Path, results: dict, trend: dict, checks: dict,
+                 task_names: list, curves: dict, setup: dict, times: dict, env: dict) -> None:
   """OUTPUT: command, setup, table, goals, curves and plots; keeps the notes below the marker."""
   config, params = setup["config"], setup["params"]
   final = {row: {s: next((r["loss"] for r in reversed(recs) if r.get("split") == s), None)
@@ -338,7 +364,14 @@ def write_report(output: pathlib.Path, results: dict, trend: dict, task_names: l
     lines += ["## Trend over pretraining steps", "",
               f"The pretrained models' checkpoints, {setup['trend_seeds']} probe seeds each:", "",
               *score_table(dict(sorted(trend.items())), task_names, normalized=False), ""]
-  lines += [NOTES_MARKER, ""]
+  lines += ["## Representation checks", "",
+            "Not the protocol: a logistic regression on standardised embeddings (fit on train + "
+            "valid; test accuracy %) and the effective rank of the train embeddings (of dim D).", "",
+            "| model | " + " | ".join(f"{t} linear | {t} rank" for t in task_names) + " |",
+            "|---|" + "---|---|" * len(task_names)]
+  lines += [f"| {row} | " + " | ".join(f"{c[t]['linear']:.1f} | {c[t]['rank']:.1f} / {c[t]['dim']}"
+                                       for t in task_names) + " |" for row, c in checks.items()]
+  lines += ["", NOTES_MARKER, ""]
   notes = ""
   if output.exists() and NOTES_MARKER in output.read_text():
     notes = output.read_text().split(NOTES_MARKER, 1)[1].lstrip("\n")

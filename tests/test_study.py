@@ -70,7 +70,9 @@ def test_report_has_every_row_and_keeps_the_notes(study, tmp_path):
   curves = {"AudioMAE++": [{"step": 10, "split": "train", "loss": 0.9},
                            {"step": 10, "split": "eval", "loss": 0.8}], "MAE": []}
   trend = {"AudioMAE++ @ step 100": results["MAE"]}
-  study.write_report(output, results, trend, TASKS, curves, setup, {"tasks": 30.0, "x": 90.0}, env)
+  checks = {row: {t: {"linear": 70.0, "rank": 12.34, "dim": 480} for t in TASKS} for row in results}
+  study.write_report(output, results, trend, checks, TASKS, curves, setup,
+                     {"tasks": 30.0, "x": 90.0}, env)
   text = output.read_text()
   assert "old table" not in text and text.endswith("hand-written reading\n")
   assert "Wall time: 2.0 min" in text
@@ -79,3 +81,24 @@ def test_report_has_every_row_and_keeps_the_notes(study, tmp_path):
   assert "| log-mel mean+std | 55.0 ± 1.5 | 50.0 ± 1.5 | 87.5 |" in text
   assert "| AudioMAE++ @ step 100 | 50.0 ± 1.5 | 35.0 ± 1.5 |" in text
   assert "AudioMAE++ 0.900 / 0.800" in text
+  assert "| MAE | 70.0 | 12.3 / 480 | 70.0 | 12.3 / 480 |" in text
+
+
+def test_representation_checks_on_known_embeddings(study, tmp_path):
+  from audiomaepp.evaluation import tasks as tasks_lib  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  metadata = {"task_name": "toy", "prediction_type": "multiclass", "splits": ["train", "valid", "test"],
+              "split_mode": "trainvaltest", "evaluation": ["top1_acc"], "embedding_type": "scene"}
+  splits = {}
+  for split, n in (("train", 64), ("valid", 16), ("test", 16)):
+    labels = np.arange(n) % 4
+    # Four separable classes along 4 of the 8 dims (one-hot rows plus a little noise).
+    x = np.zeros((n, 8), np.float32)
+    x[np.arange(n), labels] = 1.0
+    splits[split] = (x + 1e-4 * rng.standard_normal((n, 8)).astype(np.float32),
+                     [[str(l)] for l in labels], [f"{split}{i}.wav" for i in range(n)])
+  task_dir = tasks_lib.write_task_embeddings(tmp_path, "toy", metadata, ["0", "1", "2", "3"], splits)
+  checks = study.representation_checks(task_dir)
+  assert checks["linear"] == 100.0 and checks["dim"] == 8
+  # Centred one-hot rows of 4 balanced classes span 3 directions with equal singular values.
+  assert checks["rank"] == pytest.approx(3.0, rel=0.01)
