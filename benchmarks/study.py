@@ -69,7 +69,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the corpus is built (de
 _TREND_STEPS = flags.DEFINE_list(
     "trend_steps", [], "Also probe both pretrained models at these checkpoint steps (the config "
     "keeps steps 100, 200, 300): does the score still rise with the budget?")
-_TREND_SEEDS = flags.DEFINE_integer("trend_seeds", 3, "Probe seeds of the trend rows.")
+_TREND_SEEDS = flags.DEFINE_integer(
+    "trend_seeds", 3, "Probe seeds of the trend rows (0: representation checks only).")
 
 # Row name -> (config argument, pretrained?); the log-mel baseline is the last row.
 MODELS = {
@@ -183,7 +184,7 @@ def main(argv):
                                  for t in task_names}
   results = {row: evaluate(row, list(range(_SEEDS.value))) for row in ROWS}
   trend = {row: evaluate(row, list(range(_TREND_SEEDS.value)))
-           for row in models_to_embed if "@ step" in row}
+           for row in models_to_embed if "@ step" in row and _TREND_SEEDS.value}
   if trend:  # the final checkpoints, with the trend's seeds
     trend.update({f"{row} @ step {configs[row].num_train_steps}":
                   evaluate(row, list(range(_TREND_SEEDS.value))) for row in run_dirs})
