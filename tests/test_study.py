@@ -102,3 +102,14 @@ def test_representation_checks_on_known_embeddings(study, tmp_path):
   assert checks["linear"] == 100.0 and checks["dim"] == 8
   # Centred one-hot rows of 4 balanced classes span 3 directions with equal singular values.
   assert checks["rank"] == pytest.approx(3.0, rel=0.01)
+
+
+def test_rows_not_evaluated_yet_are_pending(study):
+  results = _results({"AudioMAE++": (60, 40), "MAE": (50, 35),
+                      "AudioMAE++ (random init)": (40, 30), study.LOGMEL: (55, 50)})
+  results["MAE"]["pitch-v1"] = None
+  assert all(ok is None for _, ok, _ in study.goals(results, TASKS))
+  table = study.score_table(results, TASKS)
+  assert "| MAE | 50.0 ± 1.5 | pending | pending |" in table
+  # s(m) over the three complete rows: AudioMAE++ best on kws, (40 - 30) / 20 on pitch.
+  assert "| AudioMAE++ | 60.0 ± 1.5 | 40.0 ± 1.5 | 75.0 |" in table
