@@ -204,7 +204,9 @@ def main(argv):
   setup = {"config": configs["AudioMAE++"], "per_class": _PER_CLASS.value, "seeds": _SEEDS.value,
            "trend_seeds": _TREND_SEEDS.value,
            "params": {row: models.parameter_counts(configs[row].model) for row in run_dirs},
-           "command": " ".join(["python", "benchmarks/study.py", *sys.argv[1:]])}
+           # The command that makes this report (--report_only only changes what is run).
+           "command": " ".join(["python", "benchmarks/study.py",
+                                *(a for a in sys.argv[1:] if a != "--report_only")])}
   write_report(output, results, trend, checks, task_names, curves, setup, stages.times, env)
   print(f"[study] wrote {output}")
 
