@@ -192,7 +192,9 @@ def main(argv):
     trend.update({f"{row} @ step {configs[row].num_train_steps}":
                   evaluate(row, list(range(_TREND_SEEDS.value))) for row in run_dirs})
 
-  checks = {row: {t: representation_checks(workdir / "embeddings" / _slug(row) / t)
+  checks = {row: {t: _cached(workdir / "checks" / _slug(row) / f"{t}.json",
+                             lambda r=row, t=t: representation_checks(
+                                 workdir / "embeddings" / _slug(r) / t))
                   for t in task_names}
             for row in (*ROWS, *(r for r in models_to_embed if r not in ROWS))
             if all(tasks_lib.has_task_embeddings(workdir / "embeddings" / _slug(row), t)
@@ -232,6 +234,14 @@ def representation_checks(task_dir: pathlib.Path) -> dict:
   p = singular / singular.sum()
   return {"linear": 100 * float((classifier.predict(scaler.transform(x_test)) == y_test).mean()),
           "rank": float(np.exp(-(p * np.log(p + 1e-12)).sum())), "dim": int(train.shape[1])}
+
+
+def _cached(path: pathlib.Path, compute) -> dict:
+  """`compute()`, stored as JSON at `path` the first time."""
+  if not path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(compute()))
+  return json.loads(path.read_text())
 
 
 def _evaluate(workdir: pathlib.Path, row: str, task: str, seeds: list, config: probe.ProbeConfig,
