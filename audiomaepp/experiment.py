@@ -42,8 +42,9 @@ def data_config() -> ml_collections.ConfigDict:
   """The data section: where the log-mel shards are and how clips become crops."""
   d = ml_collections.ConfigDict()
   # 'tfds': a TFDS ArrayRecord dataset built by `audiomaepp.tools.prepare_dataset`, read with
-  # tfds.data_source from `data_dir`; 'synthetic': the built-in corpus, built on first use into
-  # `data_dir` (or a cache directory when unset).
+  # tfds.data_source from `data_dir`; 'synthetic': the built-in corpus of tones, chirps and noise,
+  # 'rich': speech, music, those sounds and mixtures (`audiomaepp.data.rich`; needs espeak-ng and
+  # FluidSynth); both built on first use into `data_dir` (or a cache directory when unset).
   d.source = "tfds"
   d.name = "audio_logmel"  # TFDS builder name
   d.data_dir = config_dict.placeholder(str)
@@ -58,7 +59,7 @@ def data_config() -> ml_collections.ConfigDict:
   # host batches made ahead. Raise them for network file systems.
   d.read_threads = 4
   d.read_buffer_size = 4
-  d.synthetic_num_clips = 512  # size of the built-in corpus when source == 'synthetic'
+  d.synthetic_num_clips = 512  # size of the built-in corpus (source 'synthetic' or 'rich')
   return d
 
 

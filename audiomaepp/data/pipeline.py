@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
 from audiomaepp.audio import features
+from audiomaepp.data import rich
 from audiomaepp.data import synthetic
 from audiomaepp.data import worker_memory
 from audiomaepp.errors import UserError
@@ -39,14 +40,19 @@ _PREPARE_HINT = ("build shards with `python -m audiomaepp.tools.prepare_dataset 
                  "config.data.source='synthetic' for the built-in corpus")
 
 
+# The built-in corpora, built on first use by `ensure_dataset`.
+_BUILT_IN = {"synthetic": synthetic, "rich": rich}
+
+
 def _data_dir(data_config: ml_collections.ConfigDict) -> str:
-  if data_config.source == "synthetic":
-    return synthetic.dataset_dir(data_config.data_dir, data_config.synthetic_num_clips)
+  if data_config.source in _BUILT_IN:
+    return _BUILT_IN[data_config.source].dataset_dir(data_config.data_dir,
+                                                     data_config.synthetic_num_clips)
   if data_config.source == "tfds":
     if not data_config.data_dir:
       raise ValueError(f"config.data.data_dir is not set: {_PREPARE_HINT}")
     return data_config.data_dir
-  raise ValueError(f"config.data.source must be 'tfds' or 'synthetic', got "
+  raise ValueError(f"config.data.source must be 'tfds', 'synthetic' or 'rich', got "
                    f"{data_config.source!r}")
 
 
@@ -54,14 +60,14 @@ def dataset_path(data_config: ml_collections.ConfigDict) -> str:
   """Directory of the built dataset (`<data_dir>/<name>/<latest version>`); reads only.
 
   Raises ValueError for an invalid source, FileNotFoundError when the dataset is not built (the
-  synthetic corpus is built by `ensure_dataset`).
+  built-in corpora are built by `ensure_dataset`).
   """
   data_dir = _data_dir(data_config)
   root = os.path.join(data_dir, data_config.name)
   versions = [v for v in (os.listdir(root) if os.path.isdir(root) else [])
               if os.path.exists(os.path.join(root, v, "dataset_info.json"))]
   if not versions:
-    hint = ("it is built on first use by `ensure_dataset`" if data_config.source == "synthetic"
+    hint = ("it is built on first use by `ensure_dataset`" if data_config.source in _BUILT_IN
             else _PREPARE_HINT)
     raise FileNotFoundError(f"no built dataset {data_config.name!r} under {data_dir}: {hint}")
   latest = max(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
@@ -69,10 +75,10 @@ def dataset_path(data_config: ml_collections.ConfigDict) -> str:
 
 
 def ensure_dataset(data_config: ml_collections.ConfigDict) -> str:
-  """`dataset_path`, after building the synthetic corpus if it is the source and not built yet
-  (into `data_dir`, or ~/.cache/audiomaepp; concurrent callers are safe)."""
-  if data_config.source == "synthetic":
-    synthetic.build(data_config.data_dir, data_config.synthetic_num_clips)
+  """`dataset_path`, after building the built-in corpus ('synthetic' or 'rich') if it is the source
+  and not built yet (into `data_dir`, or ~/.cache/audiomaepp; concurrent callers are safe)."""
+  if data_config.source in _BUILT_IN:
+    _BUILT_IN[data_config.source].build(data_config.data_dir, data_config.synthetic_num_clips)
   return dataset_path(data_config)
 
 

@@ -11,7 +11,7 @@ import csv
 import os
 import shutil
 import uuid
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import scipy.fft
@@ -77,11 +77,7 @@ def _signal(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
   raise ValueError(f"unknown synthetic sound class {kind!r}; expected one of {CLASSES}")
 
 
-def make_clip(index: int, seed: int = 0) -> tuple[np.ndarray, tuple[str, ...]]:
-  """Clip `index` of the corpus: a 16 kHz mono waveform `(samples,)` and its class names."""
-  rng = np.random.default_rng([seed, index])
-  duration = rng.uniform(0.3, 2.0) if rng.random() < 0.2 else rng.uniform(2.0, 10.0)
-  n = int(duration * SAMPLE_RATE)
+def _mix(rng: np.random.Generator, n: int) -> tuple[np.ndarray, tuple[str, ...]]:
   kinds = rng.choice(len(CLASSES), size=1 + int(rng.random() < 0.3), replace=False)
   names = tuple(CLASSES[k] for k in sorted(kinds))
   mix = sum(rng.uniform(0.1, 0.5) * _signal(name, rng, n) for name in names)
@@ -89,19 +85,41 @@ def make_clip(index: int, seed: int = 0) -> tuple[np.ndarray, tuple[str, ...]]:
   return np.clip(mix, -1, 1).astype(np.float32), names
 
 
+def make_clip(index: int, seed: int = 0) -> tuple[np.ndarray, tuple[str, ...]]:
+  """Clip `index` of the corpus: a 16 kHz mono waveform `(samples,)` and its class names."""
+  rng = np.random.default_rng([seed, index])
+  duration = rng.uniform(0.3, 2.0) if rng.random() < 0.2 else rng.uniform(2.0, 10.0)
+  return _mix(rng, int(duration * SAMPLE_RATE))
+
+
+def make_clip_of_length(num_samples: int, seed: int) -> tuple[np.ndarray, tuple[str, ...]]:
+  """One or two random sound classes over a noise floor, `num_samples` long (for mixtures)."""
+  return _mix(np.random.default_rng(seed), num_samples)
+
+
 def write_corpus(audio_dir: str, num_clips: int = 512, seed: int = 0) -> sources.Sources:
   """Writes the clips (`syn00000.wav`, ...) and the AudioSet-style CSVs; returns the inputs."""
   os.makedirs(audio_dir, exist_ok=True)
-  rows = {"train": [], "eval": []}
+  rows = []
   for i in range(num_clips):
     waveform, names = make_clip(i, seed)
     ytid = f"syn{i:05d}"
     sf.write(os.path.join(audio_dir, ytid + ".wav"), waveform, SAMPLE_RATE, subtype="PCM_16")
-    mids = ",".join(f"/synthetic/{name}" for name in names)
+    rows.append((ytid, len(waveform) / SAMPLE_RATE, [f"/synthetic/{name}" for name in names]))
+  return write_audioset_csvs(audio_dir, rows, [f"/synthetic/{name}" for name in CLASSES],
+                            CLASSES)
+
+
+def write_audioset_csvs(audio_dir: str, rows: Sequence[tuple[str, float, Sequence[str]]],
+                        mids: Sequence[str], names: Sequence[str]) -> sources.Sources:
+  """Segment CSVs of (ytid, duration in s, label mids) rows (the i-th row is 'eval' when
+  i % EVAL_EVERY == 0) and the class index CSV of `mids` and `names`; returns the inputs."""
+  splits = {"train": [], "eval": []}
+  for i, (ytid, duration, labels) in enumerate(rows):
     split = "eval" if i % EVAL_EVERY == 0 else "train"
-    rows[split].append([ytid, "0.000", f"{len(waveform) / SAMPLE_RATE:.3f}", mids])
+    splits[split].append([ytid, "0.000", f"{duration:.3f}", ",".join(labels)])
   segments = []
-  for split, split_rows in rows.items():
+  for split, split_rows in splits.items():
     path = os.path.join(audio_dir, f"{split}_segments.csv")
     with open(path, "w", newline="") as f:
       f.write("# YTID, start_seconds, end_seconds, positive_labels\n")
@@ -111,7 +129,7 @@ def write_corpus(audio_dir: str, num_clips: int = 512, seed: int = 0) -> sources
   with open(labels_csv, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["index", "mid", "display_name"])
-    writer.writerows([i, f"/synthetic/{name}", name] for i, name in enumerate(CLASSES))
+    writer.writerows([i, mid, name] for i, (mid, name) in enumerate(zip(mids, names)))
   return sources.Sources(audio_dir, segments_csvs=tuple(segments), labels_csv=labels_csv)
 
 
@@ -130,13 +148,25 @@ def build(data_dir: Optional[str] = None, num_clips: int = 512, seed: int = 0,
   concurrent callers (several hosts or tests) never see a partial corpus; later calls return
   at once.
   """
-  root = dataset_dir(data_dir, num_clips, seed)
+  return build_once(dataset_dir(data_dir, num_clips, seed),
+                    lambda audio_dir: write_corpus(audio_dir, num_clips, seed),
+                    num_workers=num_workers, progress=False)
+
+
+def build_once(root: str, write: Callable[[str], sources.Sources], num_workers: int = 0,
+               progress: bool = False) -> str:
+  """Builds a generated corpus into `root` unless it is there; returns `root`.
+
+  `write(audio_dir)` writes the audio and returns the build inputs. Everything happens in a
+  private staging directory renamed into place, so concurrent callers (several hosts or tests)
+  never see a partial corpus.
+  """
   if _is_built(root):
     return root
   staging = f"{root}.tmp-{uuid.uuid4().hex}"
   try:
-    corpus = write_corpus(os.path.join(staging, "audio"), num_clips, seed)
-    builders.build(corpus, staging, num_workers=num_workers, progress=False)
+    corpus = write(os.path.join(staging, "audio"))
+    builders.build(corpus, staging, num_workers=num_workers, progress=progress)
     try:
       os.rename(staging, root)
     except OSError:

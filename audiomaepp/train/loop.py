@@ -115,10 +115,10 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
 
 def _check_data(config: ml_collections.ConfigDict) -> None:
   """The dataset must exist (TFDS shards) and hold the train split and, when the run evaluates
-  (`eval_batches` > 0), the eval split, both non-empty. The synthetic corpus is built later, by
+  (`eval_batches` > 0), the eval split, both non-empty. The built-in corpora are built later, by
   `run`, with both splits."""
   data = config.data
-  if data.source == "synthetic":
+  if data.source in ("synthetic", "rich"):
     return
   try:
     path = pipeline.dataset_path(data)
