@@ -35,7 +35,6 @@ import numpy as np
 import optax
 
 import common
-from audiomaepp import audio
 from audiomaepp import experiment
 from audiomaepp import hear_api
 from audiomaepp import metrics
@@ -91,26 +90,6 @@ def study_config(block: str) -> ml_collections.ConfigDict:
   config.data.data_dir = _DATA_DIR.value
   config.num_train_steps = _STEPS.value or config.num_train_steps * _SCALE.value
   return config
-
-
-def logmel_stats(waveform: np.ndarray) -> np.ndarray:
-  """The log-mel baseline: per-bin mean and standard deviation over time, (160,) float32."""
-  logmel = audio.log_mel(waveform)
-  return np.concatenate([logmel.mean(0), logmel.std(0)]).astype(np.float32)
-
-
-def embed_logmel(task_dir: pathlib.Path, output_dir: pathlib.Path) -> None:
-  """The log-mel baseline's embeddings of one HEAR task (clips fitted to the task's length)."""
-  task = tasks_lib.read_hear_task(task_dir)
-  if tasks_lib.has_task_embeddings(output_dir, task.name):
-    return
-  num_samples = int(round(task.metadata["sample_duration"] * audio.features.SAMPLE_RATE))
-  splits = {}
-  for name, split in task.splits.items():
-    rows = [logmel_stats(embed._fit_length(audio.load_audio(p), num_samples))  # pylint: disable=protected-access
-            for p in split.paths]
-    splits[name] = (np.stack(rows), split.labels, split.files)
-  tasks_lib.write_task_embeddings(output_dir, task.name, task.metadata, task.vocabulary, splits)
 
 
 def random_init_model(config: ml_collections.ConfigDict) -> hear_api.Model:
@@ -176,10 +155,13 @@ def main(argv):
   for row, load in models_to_embed.items():
     out = workdir / "embeddings" / _slug(row)
     stages.run(f"embed {row}", lambda l=load, o=out: [
-        embed.embed_task(str(tasks_dir / t), l(), str(o)) for t in task_names],
+        embed.embed_task(str(tasks_dir / t), embed.model_embedder(l()), str(o))
+        for t in task_names],
                done=all(tasks_lib.has_task_embeddings(out, t) for t in task_names))
   out = workdir / "embeddings" / _slug(LOGMEL)
-  stages.run(f"embed {LOGMEL}", lambda: [embed_logmel(tasks_dir / t, out) for t in task_names],
+  baseline = embed.baseline_embedder("logmel_stats")
+  stages.run(f"embed {LOGMEL}",
+             lambda: [embed.embed_task(str(tasks_dir / t), baseline, str(out)) for t in task_names],
              done=all(tasks_lib.has_task_embeddings(out, t) for t in task_names))
 
   config = probe.ProbeConfig(max_epochs=_MAX_EPOCHS.value)

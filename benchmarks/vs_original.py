@@ -24,7 +24,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 
 import common
 from audiomaepp import experiment

@@ -1,6 +1,5 @@
 """Host loss: the watchdog's verdicts (in-process, a fake key-value store), then end to end with
 two `main.py` processes on one machine: env-only launch, kill -9 of one, restart (slow)."""
-import json
 import os
 import random
 import signal
