@@ -98,9 +98,17 @@ def _watch_hosts(workdir: str) -> hosts.HostWatchdog:
     # stays temporary and is removed by the next start.
     os._exit(HOST_LOST_EXIT_CODE)  # pylint: disable=protected-access
 
+  def on_abort() -> None:
+    # JAX's client aborts when it loses the coordinator: report host 0 lost if it is unreachable
+    # (any other abort goes on as it would).
+    if not hosts.reachable(distributed.global_state.coordinator_address):
+      on_lost(0)
+
   watchdog = hosts.HostWatchdog(distributed.global_state.client, jax.process_index(),
                                 jax.process_count(), on_lost, timeout=_HOST_TIMEOUT.value)
   watchdog.note_step(checkpointing.latest_complete_step(workdir) or 0)
+  if jax.process_index() != 0:
+    hosts.on_abort(on_abort)
   return watchdog.start()
 
 

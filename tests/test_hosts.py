@@ -3,6 +3,7 @@ two `main.py` processes on one machine: env-only launch, kill -9 of one, restart
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -95,6 +96,30 @@ def test_an_unanswering_coordinator_is_host_0():
 
 STEPS = 16
 SHRUNK = main_runs.shrunk_demo(STEPS, checkpoint_every=3)
+
+
+@pytest.mark.parametrize("ends", [True, False])
+def test_an_abort_runs_the_callback_first(ends):
+  """abort() from C (as JAX's client does when the coordinator is gone) runs the callback, which
+  may end the process with its own status; a callback that returns lets the abort go on."""
+  callback = "lambda: (print('reported', flush=True), os._exit(75))" if ends else "lambda: None"
+  code = (f"import os; from audiomaepp import hosts; hosts.on_abort({callback}); "
+          "import ctypes; ctypes.CDLL(None).abort()")
+  done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                        timeout=60)
+  if ends:
+    assert (done.returncode, done.stdout) == (75, "reported\n"), done.stderr
+  else:
+    assert done.returncode == -signal.SIGABRT and done.stdout == ""
+
+
+def test_reachable_tells_a_listening_port_from_a_closed_one():
+  with socket.socket() as server:
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    assert hosts.reachable(address)
+  assert not hosts.reachable(address)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +218,30 @@ def test_kill9_of_one_host_survivor_reports_and_exits_then_both_resume(tmp_path,
   assert sorted(losses) == list(range(1, STEPS + 1))
   np.testing.assert_array_equal([losses[s] for s in sorted(losses)],
                                 [expected[s] for s in sorted(losses)])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_kill9_of_the_coordinator_survivor_reports_host_0(tmp_path, env):
+  """Process 0 hosts the coordination service: its loss aborts JAX's client in the others, which
+  report it like any other host's loss instead of dying by the abort (exit 134)."""
+  workdir = str(tmp_path / "w")
+  procs = _start_pair(workdir, env, main_runs.free_port())
+  _wait_for_step(procs, workdir, 5)
+  os.killpg(procs[0].pid, signal.SIGKILL)
+  killed = time.monotonic()
+  try:
+    procs[1].wait(timeout=60)
+  except subprocess.TimeoutExpired:
+    pass
+  seconds = time.monotonic() - killed
+  codes, outputs = _finish(procs, timeout=5)
+  last = outputs[1].strip().splitlines()[-1]
+  print(f"survivor: exit status {codes[1]} after {seconds:.1f} s; last line: {last}")
+  assert codes[1] == HOST_LOST and seconds <= 15
+  checkpoint = checkpointing.latest_complete_step(workdir)
+  assert last.startswith("error: host 0 lost at step ")
+  assert last.endswith(f"; last checkpoint: step {checkpoint}")
 
 
 @pytest.mark.slow
