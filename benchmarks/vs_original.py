@@ -54,10 +54,10 @@ ORIGINAL_DECODER = dict(decoder_embed_dim=384, decoder_depth=4, decoder_num_head
 
 def missing_requirement() -> str:
   """Why the comparison cannot run here ('' when it can)."""
-  if importlib.util.find_spec("torch") is None:
-    return "PyTorch is not installed (pip install torch einops rotary-embedding-torch)"
   if not os.path.isdir(os.path.join(_ORIGINAL.value, "audiomaepp_original")):
     return f"the original's code is not at {_ORIGINAL.value} (--original=DIR)"
+  if importlib.util.find_spec("torch") is None:
+    return "PyTorch is not installed (pip install torch einops rotary-embedding-torch)"
   return ""
 
 
