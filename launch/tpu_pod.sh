@@ -91,8 +91,9 @@ start() {  # start CONFIG WORKDIR [overrides]: every worker, detached, one log p
   local args
   args=$(printf '%q ' launch/supervise.sh --max_restarts "$MAX_RESTARTS" --backoff "$BACKOFF" \
          -- .venv/bin/python main.py --distributed "--config=$1" "--workdir=$2" "${@:3}")
+  # The supervisor records its own pid: `$!` would name setsid's parent where setsid forks.
   on_workers all "cd audiomaepp && mkdir -p logs && \
-{ setsid nohup $args >> logs/\$(hostname).log 2>&1 < /dev/null & echo \$! > logs/supervise.pid; }"
+{ setsid nohup bash -c 'echo \$\$ > logs/supervise.pid; exec $args' >> logs/\$(hostname).log 2>&1 < /dev/null & }"
 }
 
 case "$ACTION" in

@@ -1,6 +1,7 @@
 """Launch scripts: bash syntax, dry runs (nothing is started), the supervisor's restart policy
 (on stand-in commands), and the multi-process settings each SLURM task would get."""
 import os
+import signal
 import re
 import shlex
 import subprocess
@@ -159,9 +160,9 @@ def test_tpu_pod_dry_run_commands():
           "--distributed --config=configs/base.py --workdir=gs://bucket/runs/base "
           "--config.seed=3") in remote
   # Detached, one log per worker, the supervisor's pid kept for status and stop.
-  assert remote.startswith("cd audiomaepp && mkdir -p logs && { setsid nohup launch/supervise.sh")
-  assert ">> logs/$(hostname).log 2>&1 < /dev/null &" in remote
-  assert remote.endswith("echo $! > logs/supervise.pid; }")
+  assert remote.startswith("cd audiomaepp && mkdir -p logs && { setsid nohup bash -c "
+                           "'echo $$ > logs/supervise.pid; exec launch/supervise.sh")
+  assert remote.endswith("' >> logs/$(hostname).log 2>&1 < /dev/null & }")
 
   assert "kill -0 $(cat logs/supervise.pid" in _remote(tpu("status"))
   assert _remote(tpu("logs")) == "tail -n 50 audiomaepp/logs/$(hostname).log"
@@ -269,5 +270,10 @@ def test_tpu_pod_run_is_detached_and_status_logs_stop_work(tmp_path):
     assert "supervise: stopped by a signal; the command exited with status 143" in log.read_text()
   finally:
     pid_file = home / "audiomaepp" / "logs" / "supervise.pid"
-    if pid_file.exists():
-      subprocess.run(["kill", "-9", f"-{pid_file.read_text().strip()}"], capture_output=True)
+    pid = pid_file.read_text().strip() if pid_file.exists() else ""
+    # Only the stand-in supervisor's own session, never a group the pid does not lead.
+    try:
+      if pid.isdigit() and os.getsid(int(pid)) == int(pid):
+        os.killpg(int(pid), signal.SIGKILL)
+    except ProcessLookupError:
+      pass
