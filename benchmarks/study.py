@@ -42,10 +42,10 @@ from audiomaepp import models
 from audiomaepp import train
 from audiomaepp.data import pipeline
 from audiomaepp.data import rich
+from audiomaepp.evaluation import embedding
 from audiomaepp.evaluation import probe
 from audiomaepp.evaluation import scores
 from audiomaepp.evaluation import tasks as tasks_lib
-from audiomaepp.tools import embed
 from audiomaepp.train import step as step_lib
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -155,13 +155,14 @@ def main(argv):
   for row, load in models_to_embed.items():
     out = workdir / "embeddings" / _slug(row)
     stages.run(f"embed {row}", lambda l=load, o=out: [
-        embed.embed_task(str(tasks_dir / t), embed.model_embedder(l()), str(o))
+        embedding.embed_task(str(tasks_dir / t), embedding.model_embedder(l()), str(o))
         for t in task_names],
                done=all(tasks_lib.has_task_embeddings(out, t) for t in task_names))
   out = workdir / "embeddings" / _slug(LOGMEL)
-  baseline = embed.baseline_embedder("logmel_stats")
+  baseline = embedding.baseline_embedder("logmel_stats")
   stages.run(f"embed {LOGMEL}",
-             lambda: [embed.embed_task(str(tasks_dir / t), baseline, str(out)) for t in task_names],
+             lambda: [embedding.embed_task(str(tasks_dir / t), baseline, str(out))
+                      for t in task_names],
              done=all(tasks_lib.has_task_embeddings(out, t) for t in task_names))
 
   config = probe.ProbeConfig(max_epochs=_MAX_EPOCHS.value)
