@@ -6,9 +6,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := espeak-ng fluidsynth fluid-soundfont-gm
+# The real recordings of the built-in 'real' corpus and the drums task (benchmarks/study.py).
+REAL_PACKAGES := asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav asterisk-core-sounds-fr-wav \
+  asterisk-core-sounds-it-wav asterisk-moh-opsound-wav colobot-common-sounds drascula-music \
+  sound-theme-freedesktop hydrogen-drumkits
 WORKDIR ?= workdirs/demo
 
-.PHONY: setup demo test test-fast test-slow test-all
+.PHONY: setup demo deps-real test test-fast test-slow test-all
 
 $(STAMP): requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +25,10 @@ $(STAMP): requirements.txt setup.py
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Debian packages of real recordings (about 450 MB installed), for config.data.source='real'.
+deps-real:
+	apt-get install -y -q $(REAL_PACKAGES) >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q $(REAL_PACKAGES) >/dev/null)
 
 demo: $(STAMP)
 	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR)

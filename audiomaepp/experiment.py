@@ -44,7 +44,8 @@ def data_config() -> ml_collections.ConfigDict:
   # 'tfds': a TFDS ArrayRecord dataset built by `audiomaepp.tools.prepare_dataset`, read with
   # tfds.data_source from `data_dir`; 'synthetic': the built-in corpus of tones, chirps and noise,
   # 'rich': speech, music, those sounds and mixtures (`audiomaepp.data.rich`; needs espeak-ng and
-  # FluidSynth); both built on first use into `data_dir` (or a cache directory when unset).
+  # FluidSynth); 'real': real recordings of speech, music and sound effects from Debian packages
+  # (`audiomaepp.data.real`); each built on first use into `data_dir` (or a cache directory).
   d.source = "tfds"
   d.name = "audio_logmel"  # TFDS builder name
   d.data_dir = config_dict.placeholder(str)
@@ -59,7 +60,8 @@ def data_config() -> ml_collections.ConfigDict:
   # host batches made ahead. Raise them for network file systems.
   d.read_threads = 4
   d.read_buffer_size = 4
-  d.synthetic_num_clips = 512  # size of the built-in corpus (source 'synthetic' or 'rich')
+  # Size of the built-in corpus ('synthetic', 'rich'); for 'real', the most clips kept.
+  d.synthetic_num_clips = 512
   return d
 
 

@@ -1,10 +1,14 @@
 r"""Does pretraining pay? A miniature of the paper's comparison, end to end on one machine.
 
-    python benchmarks/study.py --workdir=workdirs/study [--scale=1] [--output=docs/results.md]
+    python benchmarks/study.py --workdir=workdirs/study [--corpus=real] [--scale=1] \
+        [--output=docs/results.md]
 
-1. Generates the kws and pitch tasks of ../shared/evalsuite/make_suite.py (seed 0) and builds the
-   rich built-in corpus (speech, music, synthetic sounds; `audiomaepp.data.rich`), which shares no
-   words, melodies or random streams with them.
+1. Generates the kws and pitch tasks of ../shared/evalsuite/make_suite.py (seed 0) and the drums
+   task on real drum-kit recordings (`audiomaepp.evaluation.drums`), and builds the pretraining
+   corpus: `real` (default), the built-in corpus of real recordings (speech prompts, music and
+   sound effects from Debian packages; `audiomaepp.data.real`), or `rich` (espeak-ng speech,
+   FluidSynth music, synthetic sounds; `audiomaepp.data.rich`). Neither shares a recording,
+   word, melody or random stream with the tasks.
 2. Pretrains `configs/study.py` (micro AudioMAE++) and `configs/study.py:vit` (micro vanilla MAE)
    at equal budget: same widths, depths, data, steps and batch (workdirs WORKDIR/audiomaepp and
    WORKDIR/mae, as `main.py` would write them).
@@ -12,7 +16,7 @@ r"""Does pretraining pay? A miniature of the paper's comparison, end to end on o
    parameters its pretraining started from) and with the log-mel baseline (per-clip mean and
    standard deviation over time of the 80 log-mel bins: 160 values).
 4. Evaluates every row with the HEAR protocol of `audiomaepp.tools.evaluate` (10 seeds) and
-   writes OUTPUT (docs/results.md): the table (mean ± 95% CI, normalised score over the rows),
+   writes OUTPUT (default WORKDIR/results.md): the table (mean ± 95% CI, normalised score over the rows),
    the goals, the loss curves and a plot (PNGs beside it).
 
 Every stage is resumable: a rerun reuses the built corpus and tasks, finished pretraining,
@@ -41,7 +45,7 @@ from audiomaepp import metrics
 from audiomaepp import models
 from audiomaepp import train
 from audiomaepp.data import pipeline
-from audiomaepp.data import rich
+from audiomaepp.evaluation import drums
 from audiomaepp.evaluation import embedding
 from audiomaepp.evaluation import probe
 from audiomaepp.evaluation import scores
@@ -55,10 +59,12 @@ NOTES_MARKER = "<!-- notes: everything below is kept when benchmarks/study.py re
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where tasks, models, embeddings and scores go.",
                                required=True)
-_OUTPUT = flags.DEFINE_string("output", str(_REPO / "docs" / "results.md"),
-                              "The report; its PNGs are written beside it.")
+_OUTPUT = flags.DEFINE_string("output", None, "The report (default WORKDIR/results.md); its PNGs "
+                              "are written beside it.")
+_CORPUS = flags.DEFINE_enum("corpus", "real", ["real", "rich"], "The pretraining corpus.")
 _SCALE = flags.DEFINE_integer("scale", 1, "Multiplies the corpus size and the training steps.")
-_TASKS = flags.DEFINE_list("eval_tasks", ["kws", "pitch"], "Tasks of make_suite.py to evaluate.")
+_TASKS = flags.DEFINE_list("eval_tasks", ["kws", "pitch", drums.NAME],
+                           f"Tasks to evaluate: make_suite.py's and {drums.NAME!r}.")
 _PER_CLASS = flags.DEFINE_integer("per_class", 30, "Clips per class of each task.")
 _SEEDS = flags.DEFINE_integer("seeds", 10, "Probe seeds per grid point.")
 _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 500, "Probe epoch limit (lower: smoke runs only).")
@@ -80,12 +86,20 @@ MODELS = {
     "AudioMAE++ (random init)": ("plusplus", False),
 }
 LOGMEL = "log-mel mean+std"
+CORPORA = {
+    "real": "the built-in corpus of real recordings (`config.data.source='real'`, "
+            "`audiomaepp/data/real.py`): 10-s clips of speech prompts in four languages, music "
+            "and sound effects from Debian packages (data card in docs/data.md).",
+    "rich": "the rich built-in corpus (`config.data.source='rich'`, `audiomaepp/data/rich.py`): "
+            "clips of 2-6 s of espeak-ng speech, FluidSynth music, synthetic sounds and mixtures.",
+}
 ROWS = (*MODELS, LOGMEL)
 
 
 def study_config(block: str) -> ml_collections.ConfigDict:
   """configs/study.py for `block`, with the command line's corpus size and steps."""
   config = experiment.load_config(_CONFIG, block)
+  config.data.source = _CORPUS.value
   config.data.synthetic_num_clips = _NUM_CLIPS.value or config.data.synthetic_num_clips * _SCALE.value
   config.data.data_dir = _DATA_DIR.value
   config.num_train_steps = _STEPS.value or config.num_train_steps * _SCALE.value
@@ -129,15 +143,13 @@ def main(argv):
 
   tasks_dir = workdir / "tasks"
   task_names = [f"{t}-v1" for t in _TASKS.value]
-  stages.run("tasks", lambda: subprocess.run(
-      [sys.executable, str(_MAKE_SUITE), "--out", str(tasks_dir), "--tasks", ",".join(_TASKS.value),
-       "--per_class", str(_PER_CLASS.value), "--seed", "0"], check=True),
-      done=all((tasks_dir / t / "task_metadata.json").exists() for t in task_names))
+  stages.run("tasks", lambda: make_tasks(tasks_dir),
+             done=all((tasks_dir / t / "task_metadata.json").exists() for t in task_names))
 
   configs = {row: study_config(block) for row, (block, _) in MODELS.items()}
   data = configs["AudioMAE++"].data
-  stages.run("corpus", lambda: pipeline.dataset_path(data), done=os.path.isdir(
-      rich.dataset_dir(data.data_dir, data.synthetic_num_clips)))
+  stages.run("corpus", lambda: pipeline.ensure_dataset(data), done=os.path.isdir(
+      pipeline.BUILT_IN[data.source].dataset_dir(data.data_dir, data.synthetic_num_clips)))
   for row, (block, pretrained) in MODELS.items():
     if pretrained:
       run_dir = workdir / ("audiomaepp" if block == "plusplus" else "mae")
@@ -182,7 +194,7 @@ def main(argv):
             for row in (*ROWS, *(r for r in models_to_embed if r not in ROWS))
             if all(tasks_lib.has_task_embeddings(workdir / "embeddings" / _slug(row), t)
                    for t in task_names)}
-  output = pathlib.Path(_OUTPUT.value)
+  output = pathlib.Path(_OUTPUT.value or workdir / "results.md")
   curves = {row: metrics.read_jsonl(str(d / metrics.METRICS_FILE)) for row, d in run_dirs.items()}
   plot_loss_curves(curves, output.with_name(output.stem + "_loss.png"))
   plot_scores(results, task_names, output.with_name(output.stem + "_scores.png"))
@@ -194,6 +206,17 @@ def main(argv):
                                 *(a for a in sys.argv[1:] if a != "--report_only")])}
   write_report(output, results, trend, checks, task_names, curves, setup, stages.times, env)
   print(f"[study] wrote {output}")
+
+
+def make_tasks(tasks_dir: pathlib.Path) -> None:
+  """Writes the evaluated tasks: make_suite.py's (seed 0) and the drums task."""
+  suite = [t for t in _TASKS.value if t != drums.NAME]
+  if suite:
+    subprocess.run([sys.executable, str(_MAKE_SUITE), "--out", str(tasks_dir), "--tasks",
+                    ",".join(suite), "--per_class", str(_PER_CLASS.value), "--seed", "0"],
+                   check=True)
+  if drums.NAME in _TASKS.value:
+    drums.write_task(str(tasks_dir), seed=0)
 
 
 def representation_checks(task_dir: pathlib.Path) -> dict:
@@ -343,13 +366,11 @@ def write_report(output: pathlib.Path, results: dict, trend: dict, checks: dict,
   m = config.model
   lines = [
       "# Does pretraining pay? (a miniature of the paper's comparison)", "",
-      "Made by `benchmarks/study.py` (issue 15). Command:", "", f"    {setup['command']}", "",
+      "Made by `benchmarks/study.py`. Command:", "", f"    {setup['command']}", "",
       f"Machine: {common.describe(env)}. Wall time: {sum(times.values()) / 60:.1f} min in all "
       "(stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ").", "",
       "## Setup", "",
-      f"- Corpus: the rich built-in corpus (`config.data.source='rich'`), "
-      f"{config.data.synthetic_num_clips} clips of 2-6 s: espeak-ng speech, FluidSynth music, "
-      "synthetic sounds and mixtures (`audiomaepp/data/rich.py`).",
+      f"- Corpus: {CORPORA[config.data.source]}",
       f"- Models (`configs/study.py`): width {m.width}, depth {m.depth}, {m.num_heads} heads, "
       f"decoder {m.decoder_width} x {m.decoder_depth}, 2-D rotary positions; AudioMAE++ "
       f"(transformer++ blocks, {params['AudioMAE++']['encoder'] / 1e6:.2f} M encoder parameters) "
@@ -359,8 +380,10 @@ def write_report(output: pathlib.Path, results: dict, trend: dict, checks: dict,
       "- Rows: both pretrained encoders; the AudioMAE++ encoder at its random initialisation "
       "(the parameters its pretraining started from); the log-mel baseline (per-clip mean and "
       "standard deviation over time of the 80 log-mel bins, 160 values).",
-      f"- Tasks: {', '.join(task_names)} from `../shared/evalsuite/make_suite.py --per_class "
-      f"{setup['per_class']} --seed 0` (voices / instruments disjoint across splits); HEAR probe "
+      f"- Tasks: {', '.join(task_names)}; kws and pitch from `../shared/evalsuite/make_suite.py "
+      f"--per_class {setup['per_class']} --seed 0` (voices / instruments disjoint across splits), "
+      "drums from real drum-kit recordings (`audiomaepp/evaluation/drums.py`, kits disjoint "
+      "across splits); HEAR probe "
       f"protocol of `audiomaepp.tools.evaluate`, {setup['seeds']} seeds; test accuracy (%), "
       "mean ± 95% CI over seeds; s(m): normalised score over these rows.", "",
       "## Results", "", *score_table(results, task_names), "",

@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
 from audiomaepp.audio import features
+from audiomaepp.data import real
 from audiomaepp.data import rich
 from audiomaepp.data import synthetic
 from audiomaepp.data import worker_memory
@@ -41,18 +42,18 @@ _PREPARE_HINT = ("build shards with `python -m audiomaepp.tools.prepare_dataset 
 
 
 # The built-in corpora, built on first use by `ensure_dataset`.
-_BUILT_IN = {"synthetic": synthetic, "rich": rich}
+BUILT_IN = {"synthetic": synthetic, "rich": rich, "real": real}
 
 
 def _data_dir(data_config: ml_collections.ConfigDict) -> str:
-  if data_config.source in _BUILT_IN:
-    return _BUILT_IN[data_config.source].dataset_dir(data_config.data_dir,
+  if data_config.source in BUILT_IN:
+    return BUILT_IN[data_config.source].dataset_dir(data_config.data_dir,
                                                      data_config.synthetic_num_clips)
   if data_config.source == "tfds":
     if not data_config.data_dir:
       raise ValueError(f"config.data.data_dir is not set: {_PREPARE_HINT}")
     return data_config.data_dir
-  raise ValueError(f"config.data.source must be 'tfds', 'synthetic' or 'rich', got "
+  raise ValueError(f"config.data.source must be 'tfds', 'synthetic', 'rich' or 'real', got "
                    f"{data_config.source!r}")
 
 
@@ -67,7 +68,7 @@ def dataset_path(data_config: ml_collections.ConfigDict) -> str:
   versions = [v for v in (os.listdir(root) if os.path.isdir(root) else [])
               if os.path.exists(os.path.join(root, v, "dataset_info.json"))]
   if not versions:
-    hint = ("it is built on first use by `ensure_dataset`" if data_config.source in _BUILT_IN
+    hint = ("it is built on first use by `ensure_dataset`" if data_config.source in BUILT_IN
             else _PREPARE_HINT)
     raise FileNotFoundError(f"no built dataset {data_config.name!r} under {data_dir}: {hint}")
   latest = max(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
@@ -75,10 +76,10 @@ def dataset_path(data_config: ml_collections.ConfigDict) -> str:
 
 
 def ensure_dataset(data_config: ml_collections.ConfigDict) -> str:
-  """`dataset_path`, after building the built-in corpus ('synthetic' or 'rich') if it is the source
+  """`dataset_path`, after building the built-in corpus ('synthetic', 'rich' or 'real') if it is the source
   and not built yet (into `data_dir`, or ~/.cache/audiomaepp; concurrent callers are safe)."""
-  if data_config.source in _BUILT_IN:
-    _BUILT_IN[data_config.source].build(data_config.data_dir, data_config.synthetic_num_clips)
+  if data_config.source in BUILT_IN:
+    BUILT_IN[data_config.source].build(data_config.data_dir, data_config.synthetic_num_clips)
   return dataset_path(data_config)
 
 

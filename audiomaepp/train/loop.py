@@ -118,7 +118,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
   (`eval_batches` > 0), the eval split, both non-empty. The built-in corpora are built later, by
   `run`, with both splits."""
   data = config.data
-  if data.source in ("synthetic", "rich"):
+  if data.source in pipeline.BUILT_IN:
     return
   try:
     path = pipeline.dataset_path(data)
