@@ -188,7 +188,7 @@ def test_missing_dataset_errors_say_how_to_build_it(data_config, tmp_path):
   with pytest.raises(ValueError, match="split 'valid' not in"):
     pipeline.create_dataset(data_config, split="valid", batch_size=2, seed=0, train=True)
   config.source = "hdf5"
-  with pytest.raises(ValueError, match="'tfds', 'synthetic' or 'rich'"):
+  with pytest.raises(ValueError, match="'tfds', 'synthetic', 'rich' or 'real'"):
     pipeline.num_examples(config, "train")
 
 
