@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TORCH_STAMP := $(VENV)/.torch
 APT_PACKAGES := espeak-ng fluidsynth fluid-soundfont-gm
 WORKDIR ?= workdirs/demo
 
@@ -20,6 +21,12 @@ $(STAMP): requirements.txt setup.py
 	fi
 	touch $(STAMP)
 
+# The optional torch extra (requirements-torch.txt): the slow tier's parity runs against the
+# original PyTorch code need it; `make test` stays torch-free.
+$(TORCH_STAMP): $(STAMP) requirements-torch.txt
+	$(PY) -m pip install --quiet -r requirements-torch.txt
+	touch $(TORCH_STAMP)
+
 setup: $(STAMP)
 
 demo: $(STAMP)
@@ -32,8 +39,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not integration" tests
 
-test-slow: $(STAMP)
+test-slow: $(TORCH_STAMP)
 	$(PY) -m pytest -q -m slow tests
 
-test-all: $(STAMP)
+test-all: $(TORCH_STAMP)
 	$(PY) -m pytest -q -m "slow or not slow" tests

@@ -286,8 +286,9 @@ class ProjectTrainer:
   def step(self, spectrogram: np.ndarray, noise: Optional[np.ndarray] = None) -> float:
     """One step; masks from `noise` (batch, L) or, when None, from the run's key."""
     kwargs = {} if noise is None else {"noise": noise}
-    self.state, metrics = self._step(self.state, {"spectrogram": spectrogram}, self.rng, **kwargs)
-    return float(metrics["loss"])
+    self.state, self.metrics = self._step(self.state, {"spectrogram": spectrogram}, self.rng,
+                                          **kwargs)
+    return float(self.metrics["loss"])
 
   def state_dict(self) -> dict[str, np.ndarray]:
     """The parameters under the original's key names."""
@@ -356,7 +357,8 @@ def lockstep(recipe: Recipe, original_dir: str, seed: int = 0,
              batches: Optional[Callable[[int], np.ndarray]] = None) -> dict[str, Any]:
   """Both trainers from the original's init, on the same batches and masking noise.
 
-  Returns per-step `original` and `project` losses, `masks_equal` (per step) and
+  Returns per-step `original` and `project` losses, `masks_equal`, the project's `grad_norm`
+  (before clipping) and
   `param_diff` (`parameter_differences` after the last step).
   """
   import torch  # pylint: disable=g-import-not-at-top
@@ -370,13 +372,14 @@ def lockstep(recipe: Recipe, original_dir: str, seed: int = 0,
   batches = batches or Batches(recipe.batch_size)
   generator = torch.Generator().manual_seed(seed + 1)
   num_patches = ours.model.config.num_patches
-  result = {"original": [], "project": [], "masks_equal": []}
+  result = {"original": [], "project": [], "masks_equal": [], "grad_norm": []}
   for step in range(recipe.steps):
     x = batches(step)
     noise = torch.rand(recipe.batch_size, num_patches, generator=generator)
     loss, mask = theirs.step(step, x, noise)
     result["original"].append(loss)
     result["project"].append(ours.step(x, noise.numpy()))
+    result["grad_norm"].append(float(ours.metrics["grad_norm"]))
     _, _, our_mask = models.masking_ids_from_noise(noise.numpy(), ours.model.config.num_keep)
     result["masks_equal"].append(bool(np.array_equal(np.asarray(our_mask), mask)))
   result["param_diff"] = parameter_differences(ours.state_dict(), theirs.state_dict())
