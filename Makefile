@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TORCH_STAMP := $(VENV)/.torch
 APT_PACKAGES := espeak-ng fluidsynth fluid-soundfont-gm
 # The real recordings of the built-in 'real' corpus and the drums task (benchmarks/study.py).
 REAL_PACKAGES := asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav asterisk-core-sounds-fr-wav \
@@ -24,6 +25,12 @@ $(STAMP): requirements.txt setup.py
 	fi
 	touch $(STAMP)
 
+# The optional torch extra (requirements-torch.txt): the slow tier's parity runs against the
+# original PyTorch code need it; `make test` stays torch-free.
+$(TORCH_STAMP): $(STAMP) requirements-torch.txt
+	$(PY) -m pip install --quiet -r requirements-torch.txt
+	touch $(TORCH_STAMP)
+
 setup: $(STAMP)
 
 # Debian packages of real recordings (about 450 MB installed), for config.data.source='real'.
@@ -40,8 +47,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not integration" tests
 
-test-slow: $(STAMP)
+test-slow: $(TORCH_STAMP)
 	$(PY) -m pytest -q -m slow tests
 
-test-all: $(STAMP)
+test-all: $(TORCH_STAMP)
 	$(PY) -m pytest -q -m "slow or not slow" tests

@@ -14,8 +14,9 @@ setuptools.setup(
         "scipy", "soundfile", "soxr", "tensorboardX", "tensorflow-datasets", "tqdm",
     ],
     extras_require={
-        # Only for reading original PyTorch `.pth` checkpoints (`audiomaepp.original`).
-        "torch": ["torch"],
+        # Reading original PyTorch `.pth` checkpoints (`audiomaepp.original`), and running the
+        # original model code in the parity tests and benchmarks (pins of requirements-torch.txt).
+        "torch": ["torch==2.13.0", "einops==0.8.2", "rotary-embedding-torch==0.9.1"],
         "test": ["pytest", "pytest-timeout"],
     },
 )

@@ -38,6 +38,36 @@ def unpatchify(patches: jax.Array, patch_size: Tuple[int, int] = (4, 16),
   return x.reshape(batch, nt * pt, nf * pf)
 
 
+def masking_noise(rng: jax.Array, batch_size: int, grid: Tuple[int, int],
+                  mode: str = "unstructured") -> jax.Array:
+  """The original's masking noise, (batch, T·F) float32 ~ U(0, 1) per patch.
+
+  mode: 'unstructured' (noise per patch) or 'timestep' (noise per time step, repeated over its
+  frequency patches).
+  """
+  num_time, num_freq = grid
+  if mode == "unstructured":
+    return jax.random.uniform(rng, (batch_size, num_time * num_freq))
+  if mode == "timestep":
+    return jnp.repeat(jax.random.uniform(rng, (batch_size, num_time)), num_freq, axis=1)
+  raise ValueError(f"mask mode {mode!r}: expected 'unstructured' or 'timestep'")
+
+
+def masking_ids_from_noise(noise: jax.Array, num_keep: int
+                           ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """The masks of `noise` (batch, T·F) as the original's `random_masking` sorts it: the
+  `num_keep` patches of smallest noise are kept, in ascending order of noise.
+
+  Returns:
+    ids_keep (batch, num_keep) int32, ids_restore (batch, T·F) int32 (the inverse of the
+    shuffle), mask (batch, T·F) float32 with 1 for removed patches.
+  """
+  # Stable sorting keeps the patches of one time step together in 'timestep' mode.
+  ids_shuffle = jnp.argsort(noise, axis=1, stable=True).astype(jnp.int32)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
+  return ids_shuffle[:, :num_keep], ids_restore, mask_from_ids(ids_restore, num_keep)
+
+
 def random_masking_ids(rng: jax.Array, batch_size: int, grid: Tuple[int, int], num_keep: int,
                        mode: str = "unstructured") -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Random masks as in the original: noise ~ U(0, 1), keep the `num_keep` smallest.
@@ -52,20 +82,9 @@ def random_masking_ids(rng: jax.Array, batch_size: int, grid: Tuple[int, int], n
       of the frequency patches).
 
   Returns:
-    ids_keep (batch, num_keep) int32, ids_restore (batch, T·F) int32 (the inverse of the
-    shuffle), mask (batch, T·F) float32 with 1 for removed patches.
+    `masking_ids_from_noise(masking_noise(rng, batch_size, grid, mode), num_keep)`.
   """
-  num_time, num_freq = grid
-  if mode == "unstructured":
-    noise = jax.random.uniform(rng, (batch_size, num_time * num_freq))
-  elif mode == "timestep":
-    noise = jnp.repeat(jax.random.uniform(rng, (batch_size, num_time)), num_freq, axis=1)
-  else:
-    raise ValueError(f"mask mode {mode!r}: expected 'unstructured' or 'timestep'")
-  # Stable sorting keeps the patches of one time step together in 'timestep' mode.
-  ids_shuffle = jnp.argsort(noise, axis=1, stable=True).astype(jnp.int32)
-  ids_restore = jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
-  return ids_shuffle[:, :num_keep], ids_restore, mask_from_ids(ids_restore, num_keep)
+  return masking_ids_from_noise(masking_noise(rng, batch_size, grid, mode), num_keep)
 
 
 def mask_from_ids(ids_restore: jax.Array, num_keep: int) -> jax.Array:

@@ -1,5 +1,5 @@
 """The train state and the pure train / eval steps (jitted with shardings by the loop)."""
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import flax.struct
@@ -38,7 +38,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_accum_steps: int = 1, noise: Optional[jax.Array] = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step (or one accumulation micro-step) on `batch['spectrogram']`.
 
   Args:
@@ -50,15 +51,22 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     tx: the optimiser from `optim.create_optimizer`.
     schedule: its learning-rate schedule (for reporting).
     grad_accum_steps: micro-steps per optimiser update (the optimiser is wrapped in MultiSteps).
+    noise: (batch, patches) masking noise to sort instead of drawing it from `rng`
+      (`models.masking_ids_from_noise`); the trainer never passes it: it lets a parity check
+      feed the original trainer and this step the same masks.
 
   Returns:
     The new state and scalar metrics: loss, grad_norm (of this micro-batch's gradients) and
     lr (of the update this step contributes to).
   """
   masking_rng = jax.random.fold_in(rng, state.step)
+  ids_keep = ids_restore = None
+  if noise is not None:
+    ids_keep, ids_restore, _ = models.masking_ids_from_noise(noise, model.config.num_keep)
 
   def loss_fn(params):
-    out = model.apply({"params": params}, batch["spectrogram"], rngs={"masking": masking_rng})
+    out = model.apply({"params": params}, batch["spectrogram"], ids_keep, ids_restore,
+                      rngs={"masking": masking_rng})
     return out["loss"].astype(jnp.float32)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
