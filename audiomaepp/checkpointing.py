@@ -229,22 +229,21 @@ def classify_restore_error(error: BaseException) -> int:
   return BUG
 
 
-def _read_step(read: Any, step: int, attempts: int = READ_ATTEMPTS,
-               backoff: float = READ_BACKOFF_SECONDS) -> tuple[Any, int, Optional[BaseException]]:
-  """`read(step)`, retried with exponential backoff while storage does not answer; returns
-  (restored, RESTORED, None) or (None, outcome, error) with the outcome of the last attempt."""
+def _read_step(read: Any, step: int) -> tuple[Any, int, Optional[BaseException]]:
+  """`read(step)`, attempted READ_ATTEMPTS times with exponential backoff while storage does not
+  answer; returns (restored, RESTORED, None) or (None, outcome, error) of the last attempt."""
   attempt = 1
   while True:
     try:
       return read(step), RESTORED, None
     except Exception as e:  # pylint: disable=broad-except
       outcome = classify_restore_error(e)
-      if outcome != UNREADABLE or attempt == attempts:
+      if outcome != UNREADABLE or attempt == READ_ATTEMPTS:
         return None, outcome, e
-      delay = backoff * 2 ** (attempt - 1)
+      delay = READ_BACKOFF_SECONDS * 2 ** (attempt - 1)
       attempt += 1
-      logging.warning("reading checkpoint step %d failed (%s); attempt %d of %d in %.0f s", step,
-                      _failure_reason(e), attempt, attempts, delay)
+      logging.warning("reading checkpoint step %d failed (%s); attempt %d of %d in %.1f s", step,
+                      _failure_reason(e), attempt, READ_ATTEMPTS, delay)
       time.sleep(delay)
 
 
