@@ -189,3 +189,15 @@ def test_a_loss_curve_that_cannot_be_drawn_is_a_warning(monkeypatch, tmp_path, c
   monkeypatch.setattr(loop.visualize, "plot_loss_curve_from_workdir", full_disk)
   loop._plot_loss_curve(str(tmp_path))
   assert "the loss curve could not be drawn" in caplog.text
+
+
+def test_a_bug_while_preparing_the_data_keeps_its_traceback(config, tmp_path, monkeypatch):
+  """Only a UserError is a config error: any other ValueError (a bug in NumPy, librosa or here)
+  propagates as itself, with its traceback."""
+  def broken(data_config):
+    raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+
+  monkeypatch.setattr(loop.pipeline, "ensure_dataset", broken)
+  with pytest.raises(ValueError, match="operands could not be broadcast") as error:
+    train.run(config, str(tmp_path / "w"))
+  assert not isinstance(error.value, train.ConfigError)
