@@ -4,8 +4,10 @@ Parses flags, joins the other hosts when there are several (jax.distributed), an
 `audiomaepp.train.run`. Starting again on the same workdir resumes from its latest checkpoint.
 Exit status: 0 done; 1 error (one `error:` line on stderr); 75 another host was lost (last line
 `error: host N lost at step S; last checkpoint: step C`; start every host again to resume) or
-this host could not join the others; 143 stopped by SIGTERM after a checkpoint.
-`launch/supervise.sh` restarts on 75, 143 and deaths by a signal.
+this host could not join the others; 143 stopped by SIGTERM after a checkpoint; 134 (SIGABRT)
+the coordinator (process 0) was lost: JAX's client aborts the process within seconds, and
+`launch/supervise.sh` prints the one-line report. The supervisor restarts on 75, 143 and deaths
+by a signal.
 """
 import multiprocessing
 import os
@@ -98,17 +100,9 @@ def _watch_hosts(workdir: str) -> hosts.HostWatchdog:
     # stays temporary and is removed by the next start.
     os._exit(HOST_LOST_EXIT_CODE)  # pylint: disable=protected-access
 
-  def on_abort() -> None:
-    # JAX's client aborts when it loses the coordinator: report host 0 lost if it is unreachable
-    # (any other abort goes on as it would).
-    if not hosts.reachable(distributed.global_state.coordinator_address):
-      on_lost(0)
-
   watchdog = hosts.HostWatchdog(distributed.global_state.client, jax.process_index(),
                                 jax.process_count(), on_lost, timeout=_HOST_TIMEOUT.value)
   watchdog.note_step(checkpointing.latest_complete_step(workdir) or 0)
-  if jax.process_index() != 0:
-    hosts.on_abort(on_abort)
   return watchdog.start()
 
 

@@ -8,6 +8,11 @@ A workdir (from pretraining, or from `tools.import_original`) is a local path or
                          position is the step itself (data/pipeline.py), so nothing else is saved
   checkpoints_skipped/   damaged steps moved aside by `restore_with_fallback`
 
+A step that fails to restore is classified (`classify_restore_error`): provably damaged (files
+missing or truncated, an item missing) steps are skipped; a train state of another structure than
+the one asked for (another optimiser) is an error, not damage; storage that does not answer is
+retried with backoff, then an error. Anything else is a bug and propagates with its traceback.
+
 Saves are atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete; on GCS
 it writes `<step>/commit_success.txt` last instead), so a process killed mid-save leaves the
 previous steps intact; the temporary directory is removed the next time a training manager opens
@@ -16,6 +21,7 @@ the workdir.
 import contextlib
 import dataclasses
 import json
+import re
 import sys
 import time
 from typing import Any, Optional
@@ -25,6 +31,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+import numpy as np
 from jax.experimental import multihost_utils
 
 import audiomaepp
@@ -35,6 +42,31 @@ CHECKPOINT_DIR = "checkpoints"
 SKIPPED_DIR = "checkpoints_skipped"
 PARAMS_ITEM = "params"
 TRAIN_STATE_ITEM = "train_state"
+
+# Reading a step whose storage did not answer: this many attempts, waiting READ_BACKOFF_SECONDS,
+# then twice that, ... between them.
+READ_ATTEMPTS = 4
+READ_BACKOFF_SECONDS = 2.0
+
+# What a failed restore of a step means (`classify_restore_error`), in order of precedence when
+# hosts disagree: the first is no failure.
+RESTORED, DAMAGED, UNREADABLE, MISMATCH, BUG = range(5)
+# Status codes that TensorStore puts first in its errors: stored bytes missing or wrong (damage),
+# and storage that failed to answer (worth retrying).
+_DAMAGED_STATUS = {"DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION",
+                   "INVALID_ARGUMENT"}
+_UNREADABLE_STATUS = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED",
+                      "INTERNAL", "UNKNOWN", "CANCELLED", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+_STATUS = re.compile(r"^([A-Z_]+): ")
+
+
+class StructureMismatchError(UserError):
+  """A checkpoint holds a tree of another structure than the one asked for (e.g. the optimiser
+  state of another `grad_clip_norm` or `grad_accum_steps`)."""
+
+
+class StorageError(RuntimeError):
+  """A checkpoint could not be read because storage did not answer, after retries."""
 
 
 def workdir_path(workdir: Any) -> epath.Path:
@@ -148,11 +180,17 @@ def restore_params(workdir: Any, abstract_params: Any, step: Optional[int] = Non
         abstract_params)
     damaged = []
     for candidate in steps:
-      try:
-        restored = manager.restore(
-            candidate, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
-      except Exception as e:  # pylint: disable=broad-except
-        damaged.append((candidate, _failure_reason(e)))
+      read = lambda step: manager.restore(
+          step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
+      restored, outcome, error = _read_step(read, candidate)
+      if outcome == MISMATCH:
+        raise StructureMismatchError(
+            f"checkpoint step {candidate} of {workdir}: {_failure_reason(error)}") from None
+      if outcome == UNREADABLE:
+        raise StorageError(f"checkpoint step {candidate} of {workdir} could not be read after "
+                           f"{READ_ATTEMPTS} attempts ({_failure_reason(error)})") from error
+      if outcome == DAMAGED:
+        damaged.append((candidate, _failure_reason(error)))
         logging.warning("checkpoint step %d of %s cannot be restored (%s)", candidate, workdir,
                         damaged[-1][1])
         continue
@@ -164,6 +202,49 @@ def restore_params(workdir: Any, abstract_params: Any, step: Optional[int] = Non
       return restored[PARAMS_ITEM]
   raise UserError(f"no checkpoint of {workdir} can be restored ("
                   + "; ".join(f"step {s}: {r}" for s, r in damaged) + ")")
+
+
+def classify_restore_error(error: BaseException) -> int:
+  """What a failed restore of a step says about it: DAMAGED (files or an item missing, bytes
+  truncated or undecodable: only another step can help), UNREADABLE (storage did not answer:
+  worth retrying), MISMATCH (the stored tree has another structure than the one asked for: the
+  config changed) or BUG (anything else)."""
+  text = str(error)
+  if isinstance(error, ValueError) and "tree structures do not match" in text:
+    return MISMATCH
+  if isinstance(error, KeyError) and "was not found in the checkpoint" in text:
+    return DAMAGED  # an item's directory is gone
+  if isinstance(error, (FileNotFoundError, json.JSONDecodeError)):
+    return DAMAGED
+  if isinstance(error, OSError):  # EIO, timeouts, connection resets, permissions
+    return UNREADABLE
+  if isinstance(error, ValueError):
+    if text.startswith("Found incomplete checkpoint"):
+      return DAMAGED
+    status = _STATUS.match(text)
+    if status and status.group(1) in _DAMAGED_STATUS:
+      return DAMAGED
+    if status and status.group(1) in _UNREADABLE_STATUS:
+      return UNREADABLE
+  return BUG
+
+
+def _read_step(read: Any, step: int) -> tuple[Any, int, Optional[BaseException]]:
+  """`read(step)`, attempted READ_ATTEMPTS times with exponential backoff while storage does not
+  answer; returns (restored, RESTORED, None) or (None, outcome, error) of the last attempt."""
+  attempt = 1
+  while True:
+    try:
+      return read(step), RESTORED, None
+    except Exception as e:  # pylint: disable=broad-except
+      outcome = classify_restore_error(e)
+      if outcome != UNREADABLE or attempt == READ_ATTEMPTS:
+        return None, outcome, e
+      delay = READ_BACKOFF_SECONDS * 2 ** (attempt - 1)
+      attempt += 1
+      logging.warning("reading checkpoint step %d failed (%s); attempt %d of %d in %.1f s", step,
+                      _failure_reason(e), attempt, READ_ATTEMPTS, delay)
+      time.sleep(delay)
 
 
 def _failure_reason(error: BaseException) -> str:
@@ -244,32 +325,90 @@ def restore_with_fallback(manager: ocp.CheckpointManager, abstract_params: Any,
 
   Abstract trees are `jax.ShapeDtypeStruct`s with shardings; other items of a step (the
   `data_iter` of checkpoints written before the data order was derived from the step) are not
-  read. Steps that fail to restore (truncated or deleted files, missing
-  items) are logged with the reason and moved to `checkpoints_skipped/` so later saves can reuse
-  their step numbers. Raises RuntimeError when checkpoints exist but none is readable.
+  read. Every host tries each step, newest first (the steps process 0 lists), and process 0
+  decides from all outcomes, so that every host restores the same step:
+    * damaged on any host (truncated or deleted files, missing items): skipped, logged with the
+      reason and moved to `checkpoints_skipped/` so later saves can reuse its step number;
+    * storage that does not answer: retried with backoff, then `StorageError`; nothing is moved;
+    * another tree structure (the optimiser changed): `StructureMismatchError`;
+    * any other error: re-raised on the host that had it, RuntimeError on the others.
+  Raises RuntimeError when checkpoints exist but none is readable.
   """
+  reader = _host_reader(manager.directory)
+  items = {PARAMS_ITEM: ocp.args.StandardRestore(abstract_params),
+           TRAIN_STATE_ITEM: ocp.args.StandardRestore(abstract_train_state)}
+  read = lambda step: reader.restore(step, args=ocp.args.Composite(**items))
   skipped = []
-  for step in sorted(manager.all_steps(), reverse=True):
-    items = {PARAMS_ITEM: ocp.args.StandardRestore(abstract_params),
-             TRAIN_STATE_ITEM: ocp.args.StandardRestore(abstract_train_state)}
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # pylint: disable=broad-except
-      reason = _failure_reason(e)
-      logging.warning("checkpoint step %d cannot be restored, skipping it (%s)", step, reason)
-      skipped.append((step, reason))
-      continue
-    if skipped:
-      _move_aside(manager, [s for s, _ in skipped])
-      logging.warning("restored step %d after skipping damaged steps %s", step,
-                      [s for s, _ in skipped])
-    return Restored(step, restored[PARAMS_ITEM], restored[TRAIN_STATE_ITEM], skipped)
+  try:
+    for step in _steps_of_process_0(manager):
+      restored, outcome, error = _read_step(read, step)
+      decision = _decide(outcome)
+      if decision == BUG:
+        if error is not None and outcome == BUG:
+          raise error
+        raise RuntimeError(f"another process failed to restore checkpoint step {step} (see its "
+                           "log)")
+      if decision == MISMATCH:
+        raise StructureMismatchError(
+            f"checkpoint step {step} under {manager.directory} "
+            + (_failure_reason(error) if outcome == MISMATCH else
+               "holds a train state of another structure (seen by another process)")) from None
+      if decision == UNREADABLE:
+        reason = (_failure_reason(error) if outcome == UNREADABLE
+                  else "storage did not answer another process")
+        raise StorageError(f"checkpoint step {step} under {manager.directory} could not be read "
+                           f"after {READ_ATTEMPTS} attempts ({reason}); nothing was moved: start "
+                           "again once storage answers")
+      if decision == DAMAGED:
+        reason = (_failure_reason(error) if error is not None
+                  else "damaged as read by another process")
+        logging.warning("checkpoint step %d cannot be restored, skipping it (%s)", step, reason)
+        skipped.append((step, reason))
+        continue
+      if skipped:
+        _move_aside(manager, [s for s, _ in skipped])
+        logging.warning("restored step %d after skipping damaged steps %s", step,
+                        [s for s, _ in skipped])
+      return Restored(step, restored[PARAMS_ITEM], restored[TRAIN_STATE_ITEM], skipped)
+  finally:
+    reader.close()
   if skipped:
     raise RuntimeError(
         f"no checkpoint under {manager.directory} can be restored ("
         + "; ".join(f"step {s}: {r}" for s, r in skipped)
         + "); move the directory away to start from scratch")
   return None
+
+
+def _host_reader(directory: Any) -> ocp.CheckpointManager:
+  """A read-only manager for this process alone: its restores wait for no other process (Orbax
+  ends each restore at a barrier of all processes, where hosts whose read failed never arrive),
+  so that the hosts can agree on the outcome (`_decide`) instead."""
+  me = jax.process_index()
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True, save_interval_steps=0, create=False,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me,
+                                                                 active_processes={me})))
+
+
+def _steps_of_process_0(manager: ocp.CheckpointManager) -> list[int]:
+  """The manager's steps as process 0 lists them, newest first, on every process."""
+  steps = np.asarray(sorted(manager.all_steps(), reverse=True), np.int64)
+  if jax.process_count() == 1:
+    return steps.tolist()
+  count = int(multihost_utils.broadcast_one_to_all(np.int64(len(steps))))
+  if jax.process_index() != 0:
+    steps = np.zeros(count, np.int64)
+  return np.asarray(multihost_utils.broadcast_one_to_all(steps)).tolist()
+
+
+def _decide(outcome: int) -> int:
+  """Process 0's decision on a step from every process's `outcome` (the gravest: BUG, MISMATCH,
+  UNREADABLE, DAMAGED, then RESTORED), broadcast so that every process acts on the same one."""
+  if jax.process_count() == 1:
+    return outcome
+  outcomes = multihost_utils.process_allgather(np.int32(outcome))
+  return int(multihost_utils.broadcast_one_to_all(np.int32(np.max(outcomes))))
 
 
 def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:

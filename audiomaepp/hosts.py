@@ -9,48 +9,16 @@ when the store has not answered for `timeout` seconds. The watchdog then calls `
 from its own thread, whatever the main thread is blocked in.
 
 A process that ends normally marks itself done first, so that its peers do not take its exit
-for a loss. When the coordinator itself dies, JAX's client aborts the other processes within a
-second, before any watchdog can judge: `on_abort` turns that abort into the same report.
+for a loss. When the coordinator itself dies, JAX's client aborts the other processes (SIGABRT,
+exit 134) within seconds, before any watchdog can judge; nothing runs inside that abort:
+`launch/supervise.sh` reports it from the exit status and the checkpoint directory.
 """
-import ctypes
-import signal
-import socket
 import threading
 import time
 from typing import Any, Callable, Optional
 
 KEY_PREFIX = "audiomaepp/alive/"
 DONE = "done"
-
-_ABORT_HANDLER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_int)
-_abort_handler = None  # keeps the C callback alive
-
-
-def on_abort(callback: Callable[[], None]) -> None:
-  """Runs `callback` when this process aborts (SIGABRT), before it dies; `callback` may end the
-  process itself (os._exit), otherwise the abort goes on.
-
-  JAX's coordination client aborts from a C++ thread once the coordinator (process 0) is gone. A
-  Python signal handler would never run there (abort() ends the process as soon as the C-level
-  handler returns), so the handler is a C function made by ctypes, which runs `callback` on the
-  aborting thread.
-  """
-  global _abort_handler
-  _abort_handler = _ABORT_HANDLER_TYPE(lambda signum: callback())
-  libc = ctypes.CDLL(None)
-  libc.signal.restype = ctypes.c_void_p
-  libc.signal.argtypes = [ctypes.c_int, _ABORT_HANDLER_TYPE]
-  libc.signal(signal.SIGABRT, _abort_handler)
-
-
-def reachable(address: str, timeout: float = 1.0) -> bool:
-  """Whether a TCP connection to `host:port` succeeds within `timeout` seconds."""
-  host, port = address.rsplit(":", 1)
-  try:
-    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-      return True
-  except OSError:
-    return False
 
 
 class HostWatchdog:

@@ -203,7 +203,7 @@ def model_config_from_args(original_args: Union[Mapping[str, Any], str, os.PathL
     model.size, model.width, model.depth, model.num_heads = size, None, None, None
   try:
     resolve_model_config(model)
-  except ValueError as e:
+  except UserError as e:
     raise UserError(f"{where}: {e}") from None
   return model
 

@@ -30,14 +30,14 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
   """(data, fsdp) sizes from the config, where -1 takes the devices left over."""
   data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
   if data == -1 and fsdp == -1:
-    raise ValueError("config.mesh: at most one of mesh.data and mesh.fsdp may be -1")
+    raise UserError("config.mesh: at most one of mesh.data and mesh.fsdp may be -1")
   if data == -1 or fsdp == -1:
     known = fsdp if data == -1 else data
     if known <= 0 or num_devices % known:
-      raise ValueError(f"config.mesh: {known} does not divide the {num_devices} devices")
+      raise UserError(f"config.mesh: {known} does not divide the {num_devices} devices")
     data, fsdp = (num_devices // known, fsdp) if data == -1 else (data, num_devices // known)
   if data * fsdp != num_devices:
-    raise ValueError(f"config.mesh: data {data} x fsdp {fsdp} != {num_devices} devices")
+    raise UserError(f"config.mesh: data {data} x fsdp {fsdp} != {num_devices} devices")
   return data, fsdp
 
 

@@ -1,18 +1,25 @@
-"""Pictures of pretraining: spectrogram reconstructions and loss curves (matplotlib, Agg backend)."""
+"""Pictures of pretraining: spectrogram reconstructions and loss curves (matplotlib figures drawn
+by the Agg canvas directly: importing this module leaves pyplot's backend alone)."""
 import os
 from typing import Sequence
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 import numpy as np
 from etils import epath
 
 from audiomaepp import metrics
 
 
-def _render(fig: plt.Figure, path: str) -> np.ndarray:
+def _figure(**kwargs) -> Figure:
+  """A figure with its own Agg canvas (no pyplot state)."""
+  fig = Figure(**kwargs)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _render(fig: Figure, path: str) -> np.ndarray:
   """Saves `fig` to `path` (atomically; a local path or a gs:// URL) and returns it as an
   (height, width, 3) uint8 image."""
   target = epath.Path(path)
@@ -23,7 +30,6 @@ def _render(fig: plt.Figure, path: str) -> np.ndarray:
   with tmp.open("wb") as f:
     fig.savefig(f, format="png")
   tmp.replace(target)
-  plt.close(fig)
   return image
 
 
@@ -40,8 +46,9 @@ def plot_reconstruction(spectrogram: np.ndarray, pixel_mask: np.ndarray,
   masked = np.where(pixel_mask, np.nan, spectrogram)
   pasted = np.where(pixel_mask, np.asarray(reconstruction, np.float32), spectrogram)
   lo, hi = np.percentile(spectrogram, [1, 99])
-  fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
-  cmap = plt.get_cmap("magma").with_extremes(bad="0.85")  # removed patches in light grey
+  fig = _figure(figsize=(8, 7))
+  axes = fig.subplots(3, 1, sharex=True)
+  cmap = matplotlib.colormaps["magma"].with_extremes(bad="0.85")  # removed patches in light grey
   panels = (("input", spectrogram), (f"masked input ({pixel_mask.mean():.0%} removed)", masked),
             ("reconstruction (removed patches predicted)", pasted))
   for ax, (name, image) in zip(axes, panels):
@@ -58,7 +65,8 @@ def plot_reconstruction(spectrogram: np.ndarray, pixel_mask: np.ndarray,
 
 def plot_loss_curve(records: Sequence[dict], path: str) -> np.ndarray:
   """Train and eval loss against step from metrics records (see `metrics.read_jsonl`)."""
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig = _figure(figsize=(7, 4))
+  ax = fig.subplots()
   for split, style in (("train", "-"), ("eval", "o-")):
     points = [(r["step"], r["loss"]) for r in records
               if r.get("split") == split and r.get("loss") is not None]

@@ -11,6 +11,10 @@
 # coordinator disappears). Gives up, returning the status, on 0 (done), on any other status (1:
 # a user or training error that a restart would repeat) and after N restarts. SIGTERM or SIGINT
 # to the supervisor is passed to the command, and the supervisor then stops with its status.
+# Status 134 (SIGABRT) is how JAX's client ends a process whose coordinator (process 0) is gone:
+# the supervisor then prints `error: the command aborted (status 134), as JAX does when the
+# coordinator (process 0) is lost; last checkpoint: step C`, C read from the --workdir's checkpoints/ (local
+# workdirs; on gs:// it names the directory to list).
 # Waits BACKOFF, 2 x BACKOFF, ... (at most 300 s) before each restart: the first wait must exceed
 # the time the other hosts take to notice a loss (main.py --host_timeout_seconds, 8 s) so that
 # every host has left the old run before any joins the new one.
@@ -40,6 +44,29 @@ fi
 
 log() { echo "supervise: $*" >&2; }
 
+# The value of the command's --workdir flag (--workdir=DIR or --workdir DIR).
+workdir_of() {
+  local previous=""
+  for arg in "$@"; do
+    case "$arg" in --workdir=*) echo "${arg#--workdir=}"; return ;; esac
+    [[ $previous == --workdir ]] && { echo "$arg"; return; }
+    previous=$arg
+  done
+}
+
+# The newest complete checkpoint step of a local workdir (Orbax renames a step's directory to
+# its number once the save is complete), "none", or what to list for a remote one.
+latest_checkpoint() {
+  local workdir=$1
+  if [[ -z $workdir ]]; then echo "unknown (no --workdir)"; return; fi
+  if [[ $workdir == *://* ]]; then echo "see $workdir/checkpoints"; return; fi
+  local step
+  step=$(ls "$workdir/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -n 1)
+  echo "${step:-none}"
+}
+
+WORKDIR=$(workdir_of "$@")
+
 CHILD=0
 STOPPING=0
 forward() {
@@ -65,6 +92,10 @@ while true; do
   if [[ $STOPPING == 1 ]]; then
     log "stopped by a signal; the command exited with status $status"
     exit "$status"
+  fi
+  if [[ $status == 134 ]]; then
+    printf '\nerror: the command aborted (status 134), as JAX does when the coordinator (process 0) is lost; last checkpoint: step %s\n' \
+      "$(latest_checkpoint "$WORKDIR")" >&2
   fi
   case "$status" in
     0) exit 0 ;;

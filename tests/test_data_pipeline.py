@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from audiomaepp.data import pipeline
 from audiomaepp.data import synthetic
 from audiomaepp import experiment
+from audiomaepp.errors import UserError
 
 NUM_CLIPS = 60  # every 10th clip is 'eval': 54 train, 6 eval
 
@@ -183,7 +184,7 @@ def test_missing_dataset_errors_say_how_to_build_it(data_config, tmp_path):
   with pytest.raises(ValueError, match="data_dir is not set.*prepare_dataset"):
     pipeline.num_examples(config, "train")
   config.data_dir = str(tmp_path)
-  with pytest.raises(FileNotFoundError, match="no built dataset 'audio_logmel'.*prepare_dataset"):
+  with pytest.raises(UserError, match="no built dataset 'audio_logmel'.*prepare_dataset"):
     pipeline.create_dataset(config, split="train", batch_size=2, seed=0, train=True)
   with pytest.raises(ValueError, match="split 'valid' not in"):
     pipeline.create_dataset(data_config, split="valid", batch_size=2, seed=0, train=True)
@@ -196,6 +197,6 @@ def test_looking_up_the_synthetic_corpus_does_not_build_it(tmp_path):
   config = experiment.data_config()
   config.source = "synthetic"
   config.data_dir = str(tmp_path)
-  with pytest.raises(FileNotFoundError, match="built on first use by `ensure_dataset`"):
+  with pytest.raises(UserError, match="built on first use by `ensure_dataset`"):
     pipeline.dataset_path(config)
   assert not os.listdir(tmp_path)

@@ -3,7 +3,6 @@ two `main.py` processes on one machine: env-only launch, kill -9 of one, restart
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -49,7 +48,7 @@ class _Client:
       return [(k, v) for k, v in self.store.values.items() if k.startswith(prefix)]
 
 
-def _watchdogs(count, timeout=0.6):
+def _watchdogs(count, timeout=2.0):
   store, lost = _Store(), {}
   events = [threading.Event() for _ in range(count)]
   clients = [_Client(store) for _ in range(count)]
@@ -80,7 +79,7 @@ def test_hosts_that_finish_are_not_lost():
   dogs, _, events, lost = _watchdogs(2)
   time.sleep(0.3)
   dogs[1].finish()  # a normal end: its beats stop, after it said so
-  assert not events[0].wait(2.0), lost
+  assert not events[0].wait(5.0), lost  # 2.5 x the timeout
   dogs[0].finish()
 
 
@@ -96,30 +95,6 @@ def test_an_unanswering_coordinator_is_host_0():
 
 STEPS = 16
 SHRUNK = main_runs.shrunk_demo(STEPS, checkpoint_every=3)
-
-
-@pytest.mark.parametrize("ends", [True, False])
-def test_an_abort_runs_the_callback_first(ends):
-  """abort() from C (as JAX's client does when the coordinator is gone) runs the callback, which
-  may end the process with its own status; a callback that returns lets the abort go on."""
-  callback = "lambda: (print('reported', flush=True), os._exit(75))" if ends else "lambda: None"
-  code = (f"import os; from audiomaepp import hosts; hosts.on_abort({callback}); "
-          "import ctypes; ctypes.CDLL(None).abort()")
-  done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                        timeout=60)
-  if ends:
-    assert (done.returncode, done.stdout) == (75, "reported\n"), done.stderr
-  else:
-    assert done.returncode == -signal.SIGABRT and done.stdout == ""
-
-
-def test_reachable_tells_a_listening_port_from_a_closed_one():
-  with socket.socket() as server:
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    address = f"127.0.0.1:{server.getsockname()[1]}"
-    assert hosts.reachable(address)
-  assert not hosts.reachable(address)
 
 
 @pytest.fixture(scope="module")
@@ -222,13 +197,16 @@ def test_kill9_of_one_host_survivor_reports_and_exits_then_both_resume(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_kill9_of_the_coordinator_survivor_reports_host_0(tmp_path, env):
-  """Process 0 hosts the coordination service: its loss aborts JAX's client in the others, which
-  report it like any other host's loss instead of dying by the abort (exit 134)."""
+def test_kill9_of_the_coordinator_ends_the_survivor_and_its_supervisor_reports_it(tmp_path, env):
+  """Process 0 hosts the coordination service: JAX's client aborts the survivor within seconds
+  (status 134); its supervisor prints the one-line report from that status and the workdir."""
   workdir = str(tmp_path / "w")
-  procs = _start_pair(workdir, env, main_runs.free_port())
+  supervise = (os.path.join(REPO, "launch", "supervise.sh"), "--max_restarts", "0", "--")
+  procs = _start_pair(workdir, env, main_runs.free_port(), wrap=supervise)
   _wait_for_step(procs, workdir, 5)
-  os.killpg(procs[0].pid, signal.SIGKILL)
+  trainer = int(subprocess.run(["pgrep", "-P", str(procs[0].pid)], capture_output=True,
+                               text=True, check=True).stdout.split()[0])
+  os.kill(trainer, signal.SIGKILL)
   killed = time.monotonic()
   try:
     procs[1].wait(timeout=60)
@@ -236,12 +214,13 @@ def test_kill9_of_the_coordinator_survivor_reports_host_0(tmp_path, env):
     pass
   seconds = time.monotonic() - killed
   codes, outputs = _finish(procs, timeout=5)
-  last = outputs[1].strip().splitlines()[-1]
-  print(f"survivor: exit status {codes[1]} after {seconds:.1f} s; last line: {last}")
-  assert codes[1] == HOST_LOST and seconds <= 15
+  errors = [line for line in outputs[1].splitlines() if line.startswith("error:")]
+  print(f"survivor: exit status {codes[1]} after {seconds:.1f} s; error line: {errors}")
+  assert codes[1] == 134 and seconds <= 15
   checkpoint = checkpointing.latest_complete_step(workdir)
-  assert last.startswith("error: host 0 lost at step ")
-  assert last.endswith(f"; last checkpoint: step {checkpoint}")
+  assert errors == [f"error: the command aborted (status 134), as JAX does when the coordinator "
+                    f"(process 0) is lost; last checkpoint: step {checkpoint}"]
+  assert "supervise: the command ended with signal 6 after 0 restarts: giving up" in outputs[1]
 
 
 @pytest.mark.slow

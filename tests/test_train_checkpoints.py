@@ -189,3 +189,85 @@ def test_resuming_with_the_other_block_layout_fails_in_one_line(tmp_path):
     loop._check_same_model(str(tmp_path), models.resolve_model_config(config.model))
   config.model.scan_layers = False
   loop._check_same_model(str(tmp_path), models.resolve_model_config(config.model))
+
+
+def _fail_reads(monkeypatch, error, times):
+  """The first `times` checkpoint reads raise `error`; returns the list of steps read."""
+  original, calls = ocp.CheckpointManager.restore, []
+
+  def restore(self, step, *args, **kwargs):
+    calls.append(step)
+    if len(calls) <= times:
+      raise error
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+  monkeypatch.setattr(checkpointing, "READ_BACKOFF_SECONDS", 0.01)
+  return calls
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.EIO, "Input/output error"),
+    ValueError("UNAVAILABLE: Error reading local file: connection reset"),
+])
+def test_a_transient_read_error_is_retried_and_the_newest_step_restored(tmp_path, monkeypatch,
+                                                                      error):
+  workdir = str(tmp_path)
+  _save_steps(workdir, [2, 4])
+  calls = _fail_reads(monkeypatch, error, times=2)
+  restored = _restore(workdir)
+  assert restored.step == 4 and not restored.skipped and calls == [4, 4, 4]
+  assert not os.path.exists(os.path.join(workdir, checkpointing.SKIPPED_DIR))
+
+
+def test_storage_that_never_answers_fails_and_moves_nothing(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  _save_steps(workdir, [2, 4])
+  calls = _fail_reads(monkeypatch, OSError(errno.ETIMEDOUT, "Connection timed out"), times=99)
+  with pytest.raises(checkpointing.StorageError,
+                     match=r"step 4 .* could not be read after 4 attempts \(TimeoutError"):
+    _restore(workdir)
+  assert calls == [4] * checkpointing.READ_ATTEMPTS  # never fell back to step 2
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+def test_another_optimiser_structure_is_an_error_not_damage(tmp_path):
+  """A train state saved with one optimiser (adamw) restored as another (clipping + adamw):
+  not damage, so no step is skipped or moved."""
+  import optax  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path)
+  with checkpointing.training_manager(workdir, keep=5) as manager:
+    for step in (2, 4):
+      checkpointing.save_train_state(manager, step, _params(step),
+                                     {"opt": optax.adamw(1e-3).init(_params(step))})
+    manager.wait_until_finished()
+  clipped = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  with pytest.raises(checkpointing.StructureMismatchError, match="step 4 .*do not match"):
+    _restore(workdir, rest={"opt": clipped.init(_params(0))})
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert not os.path.exists(os.path.join(workdir, checkpointing.SKIPPED_DIR))
+
+
+def test_an_unknown_restore_error_is_a_bug_and_keeps_its_traceback(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  _save_steps(workdir, [2, 4])
+  _fail_reads(monkeypatch, TypeError("unsupported operand"), times=1)
+  with pytest.raises(TypeError, match="unsupported operand"):
+    _restore(workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+@pytest.mark.parametrize("error,outcome", [
+    (ValueError("OUT_OF_RANGE: Error reading byte range"), checkpointing.DAMAGED),
+    (ValueError("DATA_LOSS: checksum mismatch"), checkpointing.DAMAGED),
+    (KeyError('Item "train_state" was not found in the checkpoint.'), checkpointing.DAMAGED),
+    (FileNotFoundError("_CHECKPOINT_METADATA"), checkpointing.DAMAGED),
+    (ValueError("DEADLINE_EXCEEDED: GCS"), checkpointing.UNREADABLE),
+    (ConnectionResetError(), checkpointing.UNREADABLE),
+    (ValueError("User-provided restore item and on-disk value metadata tree structures do not "
+                "match"), checkpointing.MISMATCH),
+    (ValueError("operands could not be broadcast"), checkpointing.BUG),
+    (RuntimeError("Event loop is closed"), checkpointing.BUG),
+])
+def test_restore_errors_are_classified(error, outcome):
+  assert checkpointing.classify_restore_error(error) == outcome

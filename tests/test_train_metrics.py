@@ -3,6 +3,8 @@ import json
 import math
 import os
 import struct
+import subprocess
+import sys
 
 import matplotlib.image
 import numpy as np
@@ -106,3 +108,12 @@ def test_loss_curve_picture(tmp_path):
   path = str(tmp_path / "curve.png")
   image = visualize.plot_loss_curve(records, path)
   assert os.path.getsize(path) > 1000 and image.shape[2] == 3
+
+
+def test_importing_visualize_leaves_the_matplotlib_backend_alone():
+  """A notebook's backend must survive `import audiomaepp.visualize` (and training)."""
+  code = ("import matplotlib; matplotlib.use('svg'); import audiomaepp.visualize; "
+          "print(matplotlib.get_backend())")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert done.stdout.strip() == "svg", done.stderr[-2000:]

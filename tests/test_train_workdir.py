@@ -141,3 +141,63 @@ def test_config_is_recorded_only_once_the_run_is_accepted(config, tmp_path):
   with pytest.raises(train.TrainingError, match="no checkpoint under .* can be restored"):
     train.run(config, str(workdir))
   assert (workdir / checkpointing.CONFIG_FILE).read_bytes() == recorded
+
+
+def test_another_optimiser_structure_names_the_fields(config, tmp_path, monkeypatch):
+  """Checkpoints whose optimiser state has another structure (grad clipping switched on) are a
+  config error naming the field, not damage to skip."""
+  workdir = _workdir_with_checkpoint(tmp_path / "w", config)
+  before = _snapshot(workdir)
+
+  def mismatch(*args, **kwargs):
+    raise checkpointing.StructureMismatchError("checkpoint step 6: tree structures do not match")
+
+  monkeypatch.setattr(checkpointing, "restore_with_fallback", mismatch)
+  config.grad_clip_norm = 1.0
+  with pytest.raises(train.ConfigError) as error:
+    train.run(config, str(workdir))
+  assert str(error.value) == (
+      f"the optimiser state in the checkpoints of {workdir} has another structure than this "
+      "config's: config.grad_clip_norm=1.0 (recorded 0.0); resume with the recorded values, or "
+      "use a new workdir")
+  assert _snapshot(workdir) == before
+
+
+def test_cleanup_never_replaces_the_error_that_ended_the_run(caplog):
+  calls = []
+
+  def failing(name):
+    def close():
+      calls.append(name)
+      raise OSError(28, "No space left on device")
+    return close
+
+  closers = [failing("writer"), lambda: calls.append("checkpointer"), failing("plot")]
+  loop._close_all(closers, ending_error=RuntimeError("the checkpoint error"))  # raises nothing
+  assert calls == ["writer", "checkpointer", "plot"]
+  assert len([r for r in caplog.records if "failed too" in r.getMessage()]) == 2
+  calls.clear()
+  with pytest.raises(OSError):  # without an error in flight, a failed close is the error
+    loop._close_all(closers, ending_error=None)
+  assert calls == ["writer", "checkpointer", "plot"]
+
+
+def test_a_loss_curve_that_cannot_be_drawn_is_a_warning(monkeypatch, tmp_path, caplog):
+  def full_disk(*args):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(loop.visualize, "plot_loss_curve_from_workdir", full_disk)
+  loop._plot_loss_curve(str(tmp_path))
+  assert "the loss curve could not be drawn" in caplog.text
+
+
+def test_a_bug_while_preparing_the_data_keeps_its_traceback(config, tmp_path, monkeypatch):
+  """Only a UserError is a config error: any other ValueError (a bug in NumPy, librosa or here)
+  propagates as itself, with its traceback."""
+  def broken(data_config):
+    raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+
+  monkeypatch.setattr(loop.pipeline, "ensure_dataset", broken)
+  with pytest.raises(ValueError, match="operands could not be broadcast") as error:
+    train.run(config, str(tmp_path / "w"))
+  assert not isinstance(error.value, train.ConfigError)

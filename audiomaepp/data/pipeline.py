@@ -51,17 +51,17 @@ def _data_dir(data_config: ml_collections.ConfigDict) -> str:
                                                      data_config.synthetic_num_clips)
   if data_config.source == "tfds":
     if not data_config.data_dir:
-      raise ValueError(f"config.data.data_dir is not set: {_PREPARE_HINT}")
+      raise UserError(f"config.data.data_dir is not set: {_PREPARE_HINT}")
     return data_config.data_dir
-  raise ValueError(f"config.data.source must be 'tfds', 'synthetic', 'rich' or 'real', got "
+  raise UserError(f"config.data.source must be 'tfds', 'synthetic', 'rich' or 'real', got "
                    f"{data_config.source!r}")
 
 
 def dataset_path(data_config: ml_collections.ConfigDict) -> str:
   """Directory of the built dataset (`<data_dir>/<name>/<latest version>`); reads only.
 
-  Raises ValueError for an invalid source, FileNotFoundError when the dataset is not built (the
-  built-in corpora are built by `ensure_dataset`).
+  Raises UserError for an invalid source, or when the dataset is not built (the built-in corpora
+  are built by `ensure_dataset`).
   """
   data_dir = _data_dir(data_config)
   root = os.path.join(data_dir, data_config.name)
@@ -70,7 +70,7 @@ def dataset_path(data_config: ml_collections.ConfigDict) -> str:
   if not versions:
     hint = ("it is built on first use by `ensure_dataset`" if data_config.source in BUILT_IN
             else _PREPARE_HINT)
-    raise FileNotFoundError(f"no built dataset {data_config.name!r} under {data_dir}: {hint}")
+    raise UserError(f"no built dataset {data_config.name!r} under {data_dir}: {hint}")
   latest = max(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
   return os.path.join(root, latest)
 
@@ -90,7 +90,7 @@ def _builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder
 
 def _check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
   if split not in builder.info.splits:
-    raise ValueError(f"split {split!r} not in {builder.data_dir}; it has "
+    raise UserError(f"split {split!r} not in {builder.data_dir}; it has "
                      f"{sorted(builder.info.splits.keys())}")
 
 

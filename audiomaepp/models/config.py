@@ -10,6 +10,8 @@ from typing import Any, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 
+from audiomaepp.errors import UserError
+
 
 BLOCKS = ("plusplus", "vit")
 ROPE_MODES = ("none", "sequence", "patch_2d")
@@ -118,7 +120,7 @@ class ModelConfig:
 def _choice(fields: Mapping[str, Any], name: str, allowed) -> Any:
   value = fields[name]
   if value not in allowed:
-    raise ValueError(f"config.model.{name}={value!r}: expected one of {list(allowed)}")
+    raise UserError(f"config.model.{name}={value!r}: expected one of {list(allowed)}")
   return value
 
 
@@ -129,13 +131,13 @@ def _pair(fields: Mapping[str, Any], name: str) -> Tuple[int, int]:
   except TypeError:
     pair = ()
   if len(pair) != 2 or min(pair) <= 0:
-    raise ValueError(f"config.model.{name}={value!r}: expected two positive integers")
+    raise UserError(f"config.model.{name}={value!r}: expected two positive integers")
   return pair
 
 
 def _check_heads(width: int, heads: int, width_name: str, heads_name: str) -> None:
   if width <= 0 or heads <= 0 or width % heads:
-    raise ValueError(f"config.model.{heads_name}={heads} must be positive and divide "
+    raise UserError(f"config.model.{heads_name}={heads} must be positive and divide "
                      f"config.model.{width_name}={width}")
 
 
@@ -143,7 +145,7 @@ def _check_rope(mode: str, width: int, heads: int, name: str) -> None:
   # RoPE rotates channel pairs; 'patch_2d' gives half of the head dims to each grid axis.
   multiple = {"none": 1, "sequence": 2, "patch_2d": 4}[mode]
   if (width // heads) % multiple:
-    raise ValueError(f"config.model.{name}={mode!r} needs a head dim divisible by {multiple}, "
+    raise UserError(f"config.model.{name}={mode!r} needs a head dim divisible by {multiple}, "
                      f"got {width // heads}")
 
 
@@ -151,7 +153,7 @@ def _remat(value: Any) -> str:
   if isinstance(value, bool):
     return "full" if value else "none"
   if value not in REMAT_POLICIES:
-    raise ValueError(f"config.model.remat={value!r}: expected one of {list(REMAT_POLICIES)}")
+    raise UserError(f"config.model.remat={value!r}: expected one of {list(REMAT_POLICIES)}")
   return value
 
 
@@ -168,7 +170,7 @@ def resolve_model_config(model_config: Any) -> ModelConfig:
   fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(given) - set(fields))
   if unknown:
-    raise ValueError(f"config.model has unknown fields {unknown}; known: {sorted(fields)}")
+    raise UserError(f"config.model has unknown fields {unknown}; known: {sorted(fields)}")
   fields.update(given)
   if "scan_layers" not in given and isinstance(given.get("remat"), bool):
     # A config written before scanning existed (its `remat` was a bool): its checkpoints hold
@@ -178,9 +180,9 @@ def resolve_model_config(model_config: Any) -> ModelConfig:
   size = fields["size"]
   explicit = [fields[k] for k in ("width", "depth", "num_heads")]
   if size is None and None in explicit:
-    raise ValueError("config.model.size is None: set width, depth and num_heads instead")
+    raise UserError("config.model.size is None: set width, depth and num_heads instead")
   if size is not None and size not in ENCODER_SIZES:
-    raise ValueError(f"config.model.size={size!r}: expected one of {list(ENCODER_SIZES)}")
+    raise UserError(f"config.model.size={size!r}: expected one of {list(ENCODER_SIZES)}")
   defaults = ENCODER_SIZES[size] if size is not None else explicit
   width, depth, num_heads = (int(d if e is None else e) for e, d in zip(explicit, defaults))
 
@@ -188,16 +190,16 @@ def resolve_model_config(model_config: Any) -> ModelConfig:
   patch_size = _pair(fields, "patch_size")
   for axis, (n, p) in enumerate(zip(input_shape, patch_size)):
     if n % p:
-      raise ValueError(f"config.model.patch_size={patch_size} does not divide "
+      raise UserError(f"config.model.patch_size={patch_size} does not divide "
                        f"config.model.input_shape={input_shape} along axis {axis}")
   mask_ratio = float(fields["mask_ratio"])
   if not 0.0 < mask_ratio < 1.0:
-    raise ValueError(f"config.model.mask_ratio={mask_ratio}: expected a value in (0, 1)")
+    raise UserError(f"config.model.mask_ratio={mask_ratio}: expected a value in (0, 1)")
   mlp_ratio = float(fields["mlp_ratio"])
   if mlp_ratio <= 0:
-    raise ValueError(f"config.model.mlp_ratio={mlp_ratio}: expected a positive number")
+    raise UserError(f"config.model.mlp_ratio={mlp_ratio}: expected a positive number")
   if depth <= 0 or int(fields["decoder_depth"]) <= 0:
-    raise ValueError(f"config.model.depth={depth} and decoder_depth={fields['decoder_depth']} "
+    raise UserError(f"config.model.depth={depth} and decoder_depth={fields['decoder_depth']} "
                      "must be positive")
   decoder_width = int(fields["decoder_width"])
   decoder_num_heads = int(fields["decoder_num_heads"])
@@ -234,9 +236,9 @@ def resolve_model_config(model_config: Any) -> ModelConfig:
       attention_impl=_choice(fields, "attention_impl", ATTENTION_IMPLS),
   )
   if config.attention_impl == "cudnn" and config.dtype == "float32":
-    raise ValueError("config.model.attention_impl='cudnn' needs config.model.dtype 'bfloat16' "
+    raise UserError("config.model.attention_impl='cudnn' needs config.model.dtype 'bfloat16' "
                      "or 'float16'")
   if config.num_keep < 1:
-    raise ValueError(f"config.model.mask_ratio={mask_ratio} keeps no patch of "
+    raise UserError(f"config.model.mask_ratio={mask_ratio} keeps no patch of "
                      f"{config.num_patches}")
   return config

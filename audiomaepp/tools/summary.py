@@ -12,7 +12,6 @@ import numpy as np
 from ml_collections import config_flags
 
 from audiomaepp import models
-from audiomaepp.errors import UserError
 from audiomaepp.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -73,10 +72,7 @@ def table(model_config: Any) -> str:
 
 def main(argv):
   del argv
-  try:
-    model_config = models.resolve_model_config(_CONFIG.value.model)
-  except ValueError as e:
-    raise UserError(str(e)) from None
+  model_config = models.resolve_model_config(_CONFIG.value.model)
   if _JSON.value:
     print(json.dumps(summarize(model_config), sort_keys=True))
   else:

@@ -87,7 +87,7 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
   """
   try:
     model_config = models.resolve_model_config(config.model)
-  except ValueError as e:
+  except UserError as e:
     raise ConfigError(str(e)) from None
   num_devices, num_processes = jax.device_count(), jax.process_count()
   for name in ("batch_size", "grad_accum_steps", "log_every_steps", "checkpoint_every_steps",
@@ -107,7 +107,7 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
                       f"config.model.input_shape[0]={model_config.input_shape[0]}")
   try:
     parallel.mesh_shape(config.mesh, num_devices)
-  except ValueError as e:
+  except UserError as e:
     raise ConfigError(str(e)) from None
   _check_data(config)
   return model_config
@@ -122,7 +122,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     return
   try:
     path = pipeline.dataset_path(data)
-  except (ValueError, FileNotFoundError) as e:
+  except UserError as e:
     raise ConfigError(str(e)) from None
   splits = {"train_split": data.train_split}
   if config.eval_batches > 0:
@@ -131,7 +131,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     try:
       problem = (f"split {split!r} of {path} is empty"
                  if pipeline.num_examples(data, split) == 0 else None)
-    except ValueError as e:  # no such split
+    except UserError as e:  # no such split
       problem = str(e)
     if problem:
       hint = ("; set --config.eval_batches=0 to train without evaluation"
@@ -175,7 +175,7 @@ def _check_same_model(workdir: str, model_config: models.ModelConfig) -> None:
     return
   try:
     recorded = models.resolve_model_config(checkpointing.load_config(workdir).model)
-  except ValueError as e:
+  except UserError as e:
     raise ConfigError(f"{record}: the recorded model is not valid ({e}); use a new workdir"
                       ) from None
   if recorded.scan_layers != model_config.scan_layers:
@@ -192,6 +192,28 @@ def _check_same_model(workdir: str, model_config: models.ModelConfig) -> None:
     raise ConfigError(f"config.model differs from the model the checkpoints in {workdir} were "
                       f"trained with: {differences}; resume with the recorded model, or use a "
                       "new workdir")
+
+
+# Fields outside the model that shape the optimiser state (`optim.create_optimizer`).
+_OPTIMISER_STRUCTURE_FIELDS = ("grad_clip_norm", "grad_accum_steps")
+
+
+def _structure_error(workdir: str, config: ml_collections.ConfigDict,
+                     error: Exception) -> ConfigError:
+  """The one-line error for checkpoints whose train state has another structure than `config`
+  builds: names the optimiser fields that differ from those recorded in config.json."""
+  recorded = (checkpointing.load_config(workdir)
+              if (checkpointing.workdir_path(workdir) / checkpointing.CONFIG_FILE).exists()
+              else ml_collections.ConfigDict())
+  changed = [f"config.{name}={config[name]!r} (recorded {recorded[name]!r})"
+             for name in _OPTIMISER_STRUCTURE_FIELDS
+             if name in recorded and recorded[name] != config[name]]
+  if changed:
+    return ConfigError(f"the optimiser state in the checkpoints of {workdir} has another "
+                       f"structure than this config's: {', '.join(changed)}; resume with the "
+                       "recorded values, or use a new workdir")
+  return ConfigError(f"{error}; resume with the config the checkpoints were written with, or use "
+                     "a new workdir")
 
 
 def _record_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -444,6 +466,32 @@ def _evaluate(config: ml_collections.ConfigDict, eval_fn: Any, params: Any, step
   return loss
 
 
+def _close_all(closers: list[Callable[[], Any]], ending_error: Optional[BaseException]) -> None:
+  """Calls every closer. While `ending_error` ends the run, a closer's failure is logged and the
+  rest still run: cleanup never replaces the error that ended the run. Otherwise the first
+  failure is raised once every closer has run."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      if ending_error is None and first is None:
+        first = e
+      else:
+        logging.exception("cleanup (%s) failed too", getattr(close, "__qualname__", close))
+  if first is not None:
+    raise first
+
+
+def _plot_loss_curve(workdir: str) -> None:
+  """Draws the loss curve; a picture that cannot be drawn (disk full) is a warning, not an error
+  of the run, whose checkpoints and metrics are written."""
+  try:
+    visualize.plot_loss_curve_from_workdir(workdir, os.path.join(workdir, LOSS_CURVE_FILE))
+  except Exception:  # pylint: disable=broad-except
+    logging.exception("the loss curve could not be drawn")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str,
         on_step: Optional[Callable[[int], None]] = None) -> RunResult:
   """Pretrains (or resumes) `config` in `workdir`; see the module docstring for guarantees.
@@ -455,7 +503,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   _check_same_model(workdir, model_config)
   try:
     pipeline.ensure_dataset(config.data)
-  except (ValueError, FileNotFoundError) as e:
+  except UserError as e:
     raise ConfigError(str(e)) from None
   is_main = jax.process_index() == 0
   if is_main:
@@ -481,6 +529,10 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     restored = checkpointing.restore_with_fallback(
         checkpointer.manager, with_shardings(abstract_params, params_sh),
         with_shardings(abstract_rest, rest_sh))
+  except checkpointing.StructureMismatchError as e:
+    raise _structure_error(workdir, config, e) from None
+  except checkpointing.StorageError as e:
+    raise TrainingError(str(e)) from None
   except RuntimeError as e:  # checkpoints exist, but none can be read
     raise TrainingError(str(e)) from None
   if is_main:  # only now that the run is accepted
@@ -511,6 +563,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   watcher = _PreemptionWatcher(checkpointer.manager)
   result = RunResult(step=start_step, checkpoint_step=checkpointer.latest_step())
   pending, window = [], []
+  ending_error = None
   try:
     for step in range(start_step + 1, total_steps + 1):
       if on_step is not None:
@@ -549,14 +602,14 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     result.checkpoint_step = checkpointer.latest_step()
     if error and result.checkpoint_step != result.step:
       raise CheckpointError(error)
+  except BaseException as e:
+    ending_error = e
+    raise
   finally:
-    train_input.close()
-    eval_input.close()
-    watcher.close()
-    checkpointer.close()
-    writer.close()
+    _close_all([train_input.close, eval_input.close, watcher.close, checkpointer.close,
+                writer.close], ending_error)
     if is_main:
-      visualize.plot_loss_curve_from_workdir(workdir, os.path.join(workdir, LOSS_CURVE_FILE))
+      _plot_loss_curve(workdir)
   if result.preempted:
     logging.warning("stopped by SIGTERM at step %d; checkpoint %s written, restart to resume",
                     result.step, result.checkpoint_step)
