@@ -14,6 +14,7 @@ import pytest
 from audiomaepp import checkpointing
 from audiomaepp import metrics
 from audiomaepp import models
+from audiomaepp.train import finetune
 
 import finetune_tasks
 import main_runs
@@ -120,3 +121,27 @@ def test_resume_with_another_number_of_classes_is_one_line(setup, tmp_path):
   assert len(errors) == 1 and "has 3 classes, the task has 5" in errors[0], done.stderr[-2000:]
   assert (workdir / checkpointing.CONFIG_FILE).read_text() == record
   assert json.loads(record)["num_classes_resolved"] == 3
+
+
+@pytest.mark.timeout(300)
+def test_evaluate_finetuned_scores_the_best_checkpoint_as_the_run_did(setup, tmp_path):
+  root, task_dir = setup
+  env = main_runs.fast_env(tmp_path / "cache")
+  workdir = tmp_path / "ft"
+  done = subprocess.run(_command(workdir, task_dir, root / "pre"), cwd=main_runs.REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  logged = _records(workdir, "test")[0]
+  result = finetune.score_workdir(str(workdir))
+  assert result["mAP"] == pytest.approx(logged["mAP"], abs=1e-6)
+  assert result["per_class_ap"] == pytest.approx([logged[f"ap/{i}"] for i in range(3)], abs=1e-6)
+  command = [sys.executable, "-m", "audiomaepp.tools.evaluate_finetuned", f"--workdir={workdir}"]
+  done = subprocess.run(command, cwd=main_runs.REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"| {100 * logged['mAP']:.1f} |" in done.stdout
+  done = subprocess.run([*command[:-1], f"--workdir={root / 'pre'}"], cwd=main_runs.REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1].endswith("is not a fine-tuning workdir (its "
+                                                       "config.json has no task='finetune')")

@@ -365,3 +365,55 @@ def _initial_state(model: Any, tx: Any, shardings: Any, rng: jax.Array, ema: boo
 
   return jax.jit(initial, out_shardings=shardings)(rng, encoder)
 
+
+
+def score_workdir(workdir: str, task_dir: Optional[str] = None, split: str = "test"
+                  ) -> dict[str, Any]:
+  """Scores the best checkpoint of a fine-tuning workdir (the latest when it has no best) on
+  `split` of a HEAR task folder (default: the one it was trained on).
+
+  Returns the scores (`score_predictions`) plus 'step', 'task' and 'split'.
+  """
+  config = checkpointing.load_config(workdir)
+  if config.get("task") != "finetune":
+    raise ConfigError(f"{workdir} is not a fine-tuning workdir (its config.json has no "
+                      "task='finetune')")
+  with config.unlocked():
+    config.data.task_dir = task_dir or config.data.task_dir
+  model_config = models.resolve_model_config(config.model)
+  task = read_task(config)
+  if split not in task.splits:
+    raise ConfigError(f"split {split!r} is not a split of {task.task_dir} (it has "
+                      f"{sorted(task.splits)})")
+  recorded = config.get("num_classes_resolved")
+  if recorded is not None and recorded != len(task.vocabulary):
+    raise ConfigError(f"the head in {workdir} has {recorded} classes, {task.task_dir} has "
+                      f"{len(task.vocabulary)}")
+  model = step_lib.build_model(config, model_config, len(task.vocabulary))
+  abstract = jax.eval_shape(
+      lambda: models.unbox(model.init({"params": jax.random.PRNGKey(0)},
+                                      jax.numpy.zeros((1, *model_config.input_shape))))["params"])
+  best_dir = checkpointing.workdir_path(workdir) / BEST_DIR
+  steps = [int(p.name) for p in best_dir.iterdir() if p.name.isdigit()] if best_dir.exists() else []
+  if steps:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract)
+    with ocp.CheckpointManager(best_dir, options=ocp.CheckpointManagerOptions(
+        read_only=True, save_interval_steps=0, create=False)) as manager:
+      step = max(steps)
+      params = manager.restore(step, args=ocp.args.Composite(
+          **{checkpointing.PARAMS_ITEM: ocp.args.StandardRestore(target)}))[
+              checkpointing.PARAMS_ITEM]
+  else:
+    step = checkpointing.latest_complete_step(workdir)
+    params = checkpointing.restore_params(workdir, abstract)
+  mesh = parallel.create_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
+  sharding = parallel.batch_sharding(mesh)
+  predict_fn = jax.jit(functools.partial(step_lib.predict_step, model=model))
+  data = labelled.load_split(task, split)
+  logits = predict(predict_fn, params, data, config.batch_size, config.data.crop_frames,
+                   sharding, pipeline.host_block(sharding, config.batch_size))
+  result = score_predictions(logits, data.targets,
+                             task.metadata["prediction_type"] == "multilabel")
+  return {**result, "step": step, "task": task.name, "split": split}
