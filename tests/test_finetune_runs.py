@@ -2,6 +2,7 @@
 uninterrupted run bit for bit; the best checkpoint is kept beside the latest."""
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from audiomaepp import checkpointing
+from audiomaepp import experiment
 from audiomaepp import metrics
 from audiomaepp import models
 from audiomaepp.train import finetune
@@ -37,7 +39,9 @@ def setup(tmp_path_factory):
                                      "masking": jax.random.PRNGKey(0)},
                                     jnp.zeros((1, 200, 80))))["params"]
   checkpointing.save_params(root / "pre", params)
-  checkpointing.save_config(root / "pre", config)
+  pretrain = experiment.load_config(pathlib.Path(main_runs.REPO) / "configs" / "demo.py")
+  pretrain.model = config.model
+  checkpointing.save_config(root / "pre", pretrain)
   return root, task_dir
 
 
