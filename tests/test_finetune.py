@@ -1,6 +1,7 @@
 """Fine-tuning: metrics against scikit-learn, the classifier against the pretrained encoder, the
 optimiser's layer decay, augmentation, host-invariant batches and one-line errors."""
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -214,7 +215,7 @@ def test_num_classes_that_differs_from_the_task_is_one_line(tmp_path):
 
 
 def test_init_from_an_encoder_of_another_width_is_one_line_and_writes_nothing(tmp_path):
-  pretrain = experiment.load_config(finetune_tasks.pathlib.Path(__file__).parents[1] / "configs" /
+  pretrain = experiment.load_config(pathlib.Path(__file__).parents[1] / "configs" /
                                     "demo.py")
   pretrain.model.depth = 1  # width 128, the tiny fine-tuning config has width 32
   module = models.build_model(pretrain.model)

@@ -159,6 +159,7 @@ class BestCheckpoint:
             enable_async_checkpointing=False, create=True))
 
   def score(self) -> Optional[float]:
+    """The best validation score so far (None before the first save)."""
     step = self.manager.best_step()
     return None if step is None else float(self.manager.metrics(step)["score"])
 
@@ -174,6 +175,7 @@ class BestCheckpoint:
     return True
 
   def restore(self, abstract_params: Any) -> tuple[int, Any]:
+    """(step, parameters) of the best checkpoint, shaped and sharded like `abstract_params`."""
     step = self.manager.best_step()
     restored = self.manager.restore(step, args=ocp.args.Composite(
         **{checkpointing.PARAMS_ITEM: ocp.args.StandardRestore(abstract_params)}))
@@ -209,6 +211,7 @@ def predict(predict_fn: Any, params: Any, split: labelled.LabelledSplit, batch_s
 def _evaluate(name: str, predict_fn: Any, params: Any, split: labelled.LabelledSplit,
               config: ml_collections.ConfigDict, sharding: Any, block: tuple[int, int],
               multilabel: bool, step: int, writer: metrics_lib.MetricsWriter) -> dict[str, Any]:
+  """Scores `split` with `params` and writes the scalars (split `name`) at `step`."""
   logits = predict(predict_fn, params, split, config.batch_size, config.data.crop_frames,
                    sharding, block)
   result = score_predictions(logits, split.targets, multilabel)
