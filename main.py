@@ -1,5 +1,8 @@
 """Pretrain AudioMAE++: `python main.py --config=configs/demo.py --workdir=DIR [--config.x=y]`.
 
+Configs whose `task` is 'finetune' (configs/finetune_*.py) fine-tune instead
+(`audiomaepp.train.finetune.run`).
+
 Parses flags, joins the other hosts when there are several (jax.distributed), and hands over to
 `audiomaepp.train.run`. Starting again on the same workdir resumes from its latest checkpoint.
 Exit status: 0 done; 1 error (one `error:` line on stderr); 75 another host was lost (last line
@@ -24,6 +27,7 @@ from audiomaepp import parallel
 from audiomaepp import train
 from audiomaepp.errors import UserError
 from audiomaepp.tools import cli
+from audiomaepp.train import finetune
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, as if the signal had ended the process
 HOST_LOST_EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure, starting again resumes
@@ -64,8 +68,9 @@ def main(argv):
     raise SystemExit(HOST_LOST_EXIT_CODE) from None
   watchdog = _watch_hosts(_WORKDIR.value) if joined and jax.process_count() > 1 else None
   try:
-    result = train.run(_CONFIG.value, _WORKDIR.value,
-                       on_step=None if watchdog is None else watchdog.note_step)
+    run = finetune.run if _CONFIG.value.get("task") == "finetune" else train.run
+    result = run(_CONFIG.value, _WORKDIR.value,
+                 on_step=None if watchdog is None else watchdog.note_step)
   except UserError:
     if watchdog is not None:
       watchdog.finish()  # every host stops with this error: none is lost

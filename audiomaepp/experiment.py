@@ -125,3 +125,54 @@ def load_config(path: str | os.PathLike, arg: Optional[str] = None
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config() if arg is None else module.get_config(arg)
+
+
+def finetune_config(size: Optional[str] = "base", block: str = "plusplus"
+                    ) -> ml_collections.ConfigDict:
+  """A fine-tuning config (`main.py` runs it when `task` is 'finetune'): the encoder of a
+  pretrained workdir and a linear head trained on a labelled HEAR task folder, with the
+  recipe of AudioMAE's `main_finetune_as.py` (defaults cited field by field)."""
+  c = base_config(size, block)
+  c.task = "finetune"
+  # A pretraining workdir (or one written by tools.import_original) whose encoder initialises
+  # the classifier (its decoder is dropped); None trains the same classifier from random init.
+  c.init_from = config_dict.placeholder(str)
+  c.init_step = config_dict.placeholder(int)  # its checkpoint step (None: the newest)
+  # Labelled clips: a HEAR task folder (`evaluation/tasks.py`); its vocabulary sets the classes
+  # and its prediction_type multi-label (sigmoid BCE, mAP) or single-label (softmax, top-1).
+  c.data.source = "hear"
+  c.data.task_dir = config_dict.placeholder(str)
+  c.data.train_split = "train"
+  c.data.eval_split = "valid"  # evaluated every eval_every_steps; picks the best checkpoint
+  c.data.test_split = "test"  # evaluated once at the end with the best checkpoint ('' : none)
+  c.num_classes = -1  # -1: from the task's vocabulary; otherwise it must equal its size
+
+  f = c.finetune = ml_collections.ConfigDict()
+  f.pool = "mean"  # 'mean' of the patch tokens (AudioMAE's global_pool default) or 'cls'
+  f.drop_path = 0.1  # AudioMAE --drop_path 0.1 (linear over depth, as timm)
+  f.layer_decay = 0.75  # AudioMAE --layer_decay 0.75 (BEiT's layer-wise lr decay)
+  # SpecAugment widths in frames / mel bins. AudioMAE masks up to 192 of 1024 frames and 48 of
+  # 128 bins (`audio_conf_train` freqm/timem); scaled to the 200 x 80 input: 37 and 30.
+  f.timem = 37
+  f.freqm = 30
+  f.mixup = 0.5  # AudioMAE --mixup 0.5 (timm Mixup alpha, 'batch' mode)
+  # AudioMAE --smoothing 0.1; applied to single-label tasks only (multi-label BCE: none).
+  f.label_smoothing = 0.1
+  # AS-2M: AudioMAE --weight_sampler with AST's weights (sum of 1000 / (label count + 0.01)).
+  f.weighted_sampling = False
+  f.ema_decay = 0.0  # > 0 keeps an EMA of the weights, evaluated instead (DeiT's model_ema)
+  f.freeze_encoder = False  # True: train only the head (a linear probe with the same recipe)
+
+  # AudioMAE's fine-tuning optimiser: AdamW, lr = blr * batch / 256 with blr 1e-3 (its AS-20K
+  # script), min_lr 1e-6, 4 warm-up epochs of 60, weight decay 5e-4, betas (0.9, 0.999).
+  c.base_lr = 1e-3
+  c.min_lr = 1e-6
+  c.warmup_epochs = 4
+  c.num_epochs = 60
+  c.weight_decay = 5e-4
+  c.b2 = 0.999
+  c.batch_size = 64
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  return c

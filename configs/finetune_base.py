@@ -1,0 +1,13 @@
+"""Fine-tunes an AudioMAE++ Base encoder on a labelled HEAR task folder (AudioMAE's recipe).
+
+    python main.py --config=configs/finetune_base.py --workdir=runs/ft \
+        --config.init_from=runs/base --config.data.task_dir=/data/hear/esc50-v2.0.0-full
+
+The recipe's fields and their sources are in `audiomaepp.experiment.finetune_config`. For
+imbalanced multi-label sets (AudioSet-2M style) add `--config.finetune.weighted_sampling=True`.
+"""
+from audiomaepp import experiment
+
+
+def get_config():
+  return experiment.finetune_config(size="base")

@@ -1,0 +1,151 @@
+"""Fine-tuning end to end through main.py: kill -9 and resume gives the losses of an
+uninterrupted run bit for bit; the best checkpoint is kept beside the latest."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from audiomaepp import checkpointing
+from audiomaepp import experiment
+from audiomaepp import metrics
+from audiomaepp import models
+from audiomaepp.train import finetune
+
+import finetune_tasks
+import main_runs
+
+pytestmark = pytest.mark.integration
+
+STEPS, EVERY = 12, 4
+MODEL_FLAGS = ("--config.model.width=32", "--config.model.depth=1", "--config.model.num_heads=2",
+               "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
+               "--config.model.decoder_num_heads=2")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("finetune_runs")
+  task_dir = finetune_tasks.write_tone_task(root, multilabel=True)
+  config = finetune_tasks.tiny_finetune_config(task_dir)
+  module = models.build_model(config.model)
+  params = models.unbox(module.init({"params": jax.random.PRNGKey(7),
+                                     "masking": jax.random.PRNGKey(0)},
+                                    jnp.zeros((1, 200, 80))))["params"]
+  checkpointing.save_params(root / "pre", params)
+  pretrain = experiment.load_config(pathlib.Path(main_runs.REPO) / "configs" / "demo.py")
+  pretrain.model = config.model
+  checkpointing.save_config(root / "pre", pretrain)
+  return root, task_dir
+
+
+def _command(workdir, task_dir, pretrained):
+  return [sys.executable, "main.py", "--config=configs/finetune_demo.py", f"--workdir={workdir}",
+          *MODEL_FLAGS, "--config.batch_size=4", f"--config.num_train_steps={STEPS}",
+          "--config.log_every_steps=1", f"--config.eval_every_steps={EVERY}",
+          f"--config.checkpoint_every_steps={EVERY}", f"--config.data.task_dir={task_dir}",
+          f"--config.init_from={pretrained}"]
+
+
+def _losses(workdir):
+  path = workdir / metrics.METRICS_FILE
+  return {r["step"]: r["loss"] for r in metrics.read_jsonl(str(path))
+          if r["split"] == "train"} if path.exists() else {}
+
+
+def _records(workdir, split):
+  return [r for r in metrics.read_jsonl(str(workdir / metrics.METRICS_FILE)) if r["split"] == split]
+
+
+@pytest.mark.timeout(600)
+def test_kill9_then_resume_equals_an_uninterrupted_run(setup, tmp_path):
+  root, task_dir = setup
+  env = main_runs.fast_env(tmp_path / "cache")
+  reference = tmp_path / "reference"
+  done = subprocess.run(_command(reference, task_dir, root / "pre"), cwd=main_runs.REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  expected = _losses(reference)
+  assert sorted(expected) == list(range(1, STEPS + 1))
+  assert len(_records(reference, "eval")) == STEPS // EVERY
+  assert len(_records(reference, "test")) == 1
+  assert "mAP" in _records(reference, "test")[0] and "ap/0" in _records(reference, "eval")[0]
+  best_dirs = os.listdir(reference / "best")
+  assert [d for d in best_dirs if d.isdigit()]  # the best step, beside checkpoints/
+
+  workdir = tmp_path / "killed"
+  log = open(tmp_path / "killed.log", "w")
+  proc = subprocess.Popen(_command(workdir, task_dir, root / "pre"), cwd=main_runs.REPO, env=env,
+                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+  deadline = time.time() + 240
+  while (checkpointing.latest_complete_step(workdir) or 0) < EVERY or max(
+      _losses(workdir), default=0) <= EVERY:
+    assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+    assert time.time() < deadline, "no checkpoint in time"
+    time.sleep(0.05)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  killed_at = max(_losses(workdir))
+  assert killed_at < STEPS, "the run ended before the kill"
+  logged = dict(_losses(workdir))
+
+  done = subprocess.run(_command(workdir, task_dir, root / "pre"), cwd=main_runs.REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "resumed from checkpoint step" in done.stderr
+  resumed = _losses(workdir)
+  assert sorted(resumed) == list(range(1, STEPS + 1))  # each step once
+  assert resumed == expected  # bit for bit
+  assert all(expected[s] == loss for s, loss in logged.items())
+  assert _records(workdir, "test") == _records(reference, "test")
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_another_number_of_classes_is_one_line(setup, tmp_path):
+  root, task_dir = setup
+  env = main_runs.fast_env(tmp_path / "cache")
+  workdir = tmp_path / "ft"
+  command = _command(workdir, task_dir, root / "pre")
+  command = [c.replace(f"num_train_steps={STEPS}", f"num_train_steps={EVERY}") for c in command]
+  assert subprocess.run(command, cwd=main_runs.REPO, env=env, capture_output=True,
+                        timeout=300).returncode == 0
+  other = finetune_tasks.write_tone_task(tmp_path, name="five-v1", classes=5, per_class=2)
+  record = (workdir / checkpointing.CONFIG_FILE).read_text()
+  command = [c.replace(str(task_dir), str(other)) for c in command]
+  done = subprocess.run(command, cwd=main_runs.REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 1
+  errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "has 3 classes, the task has 5" in errors[0], done.stderr[-2000:]
+  assert (workdir / checkpointing.CONFIG_FILE).read_text() == record
+  assert json.loads(record)["num_classes_resolved"] == 3
+
+
+@pytest.mark.timeout(300)
+def test_evaluate_finetuned_scores_the_best_checkpoint_as_the_run_did(setup, tmp_path):
+  root, task_dir = setup
+  env = main_runs.fast_env(tmp_path / "cache")
+  workdir = tmp_path / "ft"
+  done = subprocess.run(_command(workdir, task_dir, root / "pre"), cwd=main_runs.REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  logged = _records(workdir, "test")[0]
+  result = finetune.score_workdir(str(workdir))
+  assert result["mAP"] == pytest.approx(logged["mAP"], abs=1e-6)
+  assert result["per_class_ap"] == pytest.approx([logged[f"ap/{i}"] for i in range(3)], abs=1e-6)
+  command = [sys.executable, "-m", "audiomaepp.tools.evaluate_finetuned", f"--workdir={workdir}"]
+  done = subprocess.run(command, cwd=main_runs.REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"| {100 * logged['mAP']:.1f} |" in done.stdout
+  done = subprocess.run([*command[:-1], f"--workdir={root / 'pre'}"], cwd=main_runs.REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1].endswith("is not a fine-tuning workdir (its "
+                                                       "config.json has no task='finetune')")
