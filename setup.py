@@ -11,10 +11,10 @@ setuptools.setup(
     install_requires=[
         "absl-py", "array_record", "chex", "etils", "flax", "grain", "jax", "librosa",
         "matplotlib", "ml_collections", "numpy", "optax", "orbax-checkpoint", "scikit-learn",
-        "scipy", "soundfile", "soxr", "tensorboardX", "tensorflow-datasets", "tqdm",
+        "safetensors", "scipy", "soundfile", "soxr", "tensorboardX", "tensorflow-datasets", "tqdm",
     ],
     extras_require={
-        # Only for reading original PyTorch `.pth` checkpoints (`audiomaepp.original`).
+        # Only for original PyTorch `.pth` checkpoints: reading (import_original), writing (export).
         "torch": ["torch"],
         "test": ["pytest", "pytest-timeout"],
     },
