@@ -11,10 +11,10 @@ setuptools.setup(
     install_requires=[
         "absl-py", "array_record", "chex", "etils", "flax", "grain", "jax", "librosa",
         "matplotlib", "ml_collections", "numpy", "optax", "orbax-checkpoint", "scikit-learn",
-        "scipy", "soundfile", "soxr", "tensorboardX", "tensorflow-datasets", "tqdm",
+        "safetensors", "scipy", "soundfile", "soxr", "tensorboardX", "tensorflow-datasets", "tqdm",
     ],
     extras_require={
-        # Reading original PyTorch `.pth` checkpoints (`audiomaepp.original`), and running the
+        # Reading and writing original PyTorch `.pth` checkpoints (import_original, export), and running the
         # original model code in the parity tests and benchmarks (pins of requirements-torch.txt).
         "torch": ["torch==2.13.0", "einops==0.8.2", "rotary-embedding-torch==0.9.1"],
         "test": ["pytest", "pytest-timeout"],

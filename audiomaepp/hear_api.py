@@ -179,7 +179,7 @@ def _frame_embeddings(audio: Any, model: Model) -> Tuple[jnp.ndarray, int]:
 def get_timestamp_embeddings(audio: Any, model: Model) -> Tuple[jnp.ndarray, jnp.ndarray]:
   """Per-frame embeddings (n_sounds, n_frames, 5·width) and their times in ms (n_sounds, n_frames)."""
   frames, n_frames = _frame_embeddings(audio, model)
-  duration_s = audio.shape[1] / model.sample_rate
+  duration_s = np.shape(audio)[1] / model.sample_rate
   times = jnp.arange(n_frames, dtype=jnp.float32) * (duration_s / n_frames) * 1000.0
   return frames, jnp.broadcast_to(times, frames.shape[:2])
 

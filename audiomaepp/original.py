@@ -6,7 +6,8 @@ key maps to exactly one of our parameters (`state_dict_names`), except the fixed
 which are checked against ours rather than loaded. (RoPE frequencies, also fixed in training,
 are loaded: the original uses its stored values.) Reading the original's files (checkpoints, run
 directories, config files) is `original_io`'s part; PyTorch is needed only for `.pth` files
-(`pip install audiomaepp[torch]`).
+(`pip install -e '.[torch]'`). `builder` and `export_state_dict` go the other way: what the
+original's builders need to load our parameters (`tools.export`).
 """
 import dataclasses
 import json
@@ -138,6 +139,34 @@ def to_state_dict(params: Any, model_config: Any) -> Dict[str, np.ndarray]:
   return {key: (np.array(fixed[path]) if how == "fixed"
                 else _to_original(np.asarray(_leaf(params, path), np.float32), how))
           for key, (path, how) in state_dict_names(c).items()}
+
+
+def export_state_dict(params: Any, model_config: Any) -> Dict[str, np.ndarray]:
+  """`to_state_dict` for writing out (C-contiguous float32 arrays); a UserError naming every
+  non-finite weight, so that no file holding NaN or inf is written."""
+  state = {k: np.ascontiguousarray(v) for k, v in to_state_dict(params, model_config).items()}
+  non_finite = sorted(k for k, v in state.items() if not np.isfinite(v).all())
+  if non_finite:
+    raise UserError(f"non-finite weights (NaN or inf) in {non_finite}; refusing to export them")
+  return state
+
+
+def builder(model_config: Any) -> Tuple[str, Dict[str, Any]]:
+  """(arch, model_args): the original builder that makes this model and its keyword arguments,
+  as the official config files' `model.arch` and `model.model_args` name them.
+
+  A named encoder size gives `mae_plusplus_<size>` (the builder fixes the size itself), any
+  other `MAE_PlusPlus` with all of its arguments. `norm_pix_loss`, a training option the
+  constructor does not take, is left out. Fails for options the original does not have.
+  """
+  args = original_args_from_config(model_config)
+  args.pop("norm_pix_loss", None)
+  size_args = ("embed_dim", "depth", "num_heads")
+  sizes = {v: k for k, v in ENCODER_SIZES.items()}
+  size = sizes.get(tuple(args[k] for k in size_args))
+  if size is None:
+    return original_io.CONSTRUCTOR, args
+  return f"mae_plusplus_{size}", {k: v for k, v in args.items() if k not in size_args}
 
 
 # Original builder argument -> our field, from the schema's 'original' metadata.

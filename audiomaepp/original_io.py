@@ -1,14 +1,17 @@
-"""Reading the original AudioMAE++ project's files: checkpoints, run directories, config files.
+"""The original AudioMAE++ project's files: reading checkpoints, run directories and config files;
+writing checkpoints its code loads (`write_checkpoint`).
 
 Checkpoints are read without running pickled code: `.pth` files go through
 `torch.load(weights_only=True)` with only `argparse.Namespace` and `ml_collections.ConfigDict`
 (the original trainer's saved `args` and its `args.config`) allowed besides tensors. Config files
 are parsed (`ast`), never imported, so neither the original code nor its `.common` module is
-needed.
+needed. Written checkpoints carry the builder that makes their model (`arch`, `model_args`), so
+they import back without further flags.
 """
 import argparse
 import ast
 import dataclasses
+import json
 import os
 import pathlib
 import pickle
@@ -19,11 +22,16 @@ from typing import Any, Optional
 from absl import logging
 import ml_collections
 import numpy as np
+import safetensors
+import safetensors.numpy
 
+from audiomaepp import errors
 from audiomaepp.errors import UserError
 from audiomaepp.models.config import ENCODER_SIZES
 
 CHECKPOINT_DIR = "checkpoints"
+# Export format -> the file suffixes it is written with.
+FORMATS = {"original": (".pth", ".pt"), "safetensors": (".safetensors",)}
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pth$")
 _DDP_PREFIX = "module."
 # The original's builders (`mae_plusplus_<size>`; `mae_<size>` for vanilla blocks) take the
@@ -33,7 +41,7 @@ _BUILDER_DEFAULTS = {"img_size": [200, 80], "patch_size": [4, 16], "decoder_num_
                      "decoder_depth": 4, "decoder_embed_dim": 384}
 _SIZE_ARGS = ("embed_dim", "depth", "num_heads")
 # `MAE_PlusPlus`, the class the builders call, may be named as `arch` itself: its own defaults.
-_CONSTRUCTOR = "MAE_PlusPlus"
+CONSTRUCTOR = "MAE_PlusPlus"
 _CONSTRUCTOR_DEFAULTS = {"img_size": [200, 80], "patch_size": [4, 16], "embed_dim": 768,
                          "depth": 12, "num_heads": 12, "decoder_embed_dim": 384,
                          "decoder_depth": 4, "decoder_num_heads": 8}
@@ -50,12 +58,12 @@ class OriginalCheckpoint:
 
 def builder_args(arch: str, model_args: Mapping[str, Any], where: str) -> dict[str, Any]:
   """The constructor arguments the original builder `arch` makes from `model_args`."""
-  if arch == _CONSTRUCTOR:
+  if arch == CONSTRUCTOR:
     return {**_CONSTRUCTOR_DEFAULTS, **model_args}
   match = _BUILDER.match(str(arch))
   if not match:
     raise UserError(f"{where}: model.arch={arch!r} is not an original builder; expected "
-                    f"{_CONSTRUCTOR}, mae_plusplus_<size> or mae_<size>, size one of {list(ENCODER_SIZES)}")
+                    f"{CONSTRUCTOR}, mae_plusplus_<size> or mae_<size>, size one of {list(ENCODER_SIZES)}")
   sizes = dict(zip(_SIZE_ARGS, ENCODER_SIZES[match.group(1)]))
   clash = sorted(k for k in _SIZE_ARGS if k in model_args)
   if clash:
@@ -118,9 +126,8 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> pathlib.Path:
 def _torch_load(path: str) -> Any:
   try:
     import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f"reading {path} needs PyTorch (pip install torch, or "
-                      "`pip install audiomaepp[torch]`); or convert it to .npz") from e
+  except ImportError:
+    raise errors.torch_required(f"reading {path}") from None
   if os.path.getsize(path) == 0:
     raise UserError(f"{path}: the file is empty (0 bytes); expected a PyTorch checkpoint")
   allowed = [argparse.Namespace, ml_collections.ConfigDict]
@@ -142,14 +149,17 @@ def _torch_load(path: str) -> Any:
                     f"({type(e).__name__}: {e})") from None
 
 
-def _unwrap(checkpoint: Any, source: str) -> tuple[Mapping[str, Any], Any]:
-  """(state dict, saved trainer args or None) of a bare state dict or a container."""
+def _unwrap(checkpoint: Any, source: str) -> tuple[Mapping[str, Any], Optional[dict[str, Any]]]:
+  """(state dict, builder arguments it records or None) of a bare state dict or a container."""
   if not isinstance(checkpoint, Mapping):
     raise UserError(f"{source}: expected a state dict or a dict holding one, got "
                     f"{type(checkpoint).__name__}")
   for key in ("model", "state_dict"):
     if isinstance(checkpoint.get(key), Mapping):
-      return checkpoint[key], checkpoint.get("args")
+      if isinstance(checkpoint.get("arch"), str):  # written by `write_checkpoint`
+        return checkpoint[key], builder_args(checkpoint["arch"],
+                                             dict(checkpoint.get("model_args") or {}), source)
+      return checkpoint[key], _saved_args(checkpoint.get("args"), source)
   return checkpoint, None
 
 
@@ -165,8 +175,9 @@ def _saved_args(args: Any, source: str) -> Optional[dict[str, Any]]:
 
 
 def read_checkpoint(weights: Mapping[str, Any] | str | os.PathLike) -> OriginalCheckpoint:
-  """An original checkpoint: a mapping, `.npz`, `.pth` (bare state dict, `{'model': ...}` with the
-  trainer's optimizer/epoch/scaler/args, or `{'state_dict': ...}`) or a run directory."""
+  """An original checkpoint: a mapping, `.npz`, `.safetensors`, `.pth` (bare state dict,
+  `{'model': ...}` with the trainer's optimizer/epoch/scaler/args, or `{'state_dict': ...}`) or a
+  run directory."""
   if isinstance(weights, Mapping):
     source, checkpoint = "mapping", weights
   else:
@@ -178,11 +189,14 @@ def read_checkpoint(weights: Mapping[str, Any] | str | os.PathLike) -> OriginalC
     if source.endswith(".npz"):
       with np.load(source) as data:
         checkpoint = {k: data[k] for k in data.files}
+    elif source.endswith(".safetensors"):
+      checkpoint = _safetensors_load(source)
     elif source.endswith((".pth", ".pt")):
       checkpoint = _torch_load(source)
     else:
-      raise UserError(f"{source}: expected a .pth, .pt or .npz file, or an original run directory")
-  state, args = _unwrap(checkpoint, source)
+      raise UserError(f"{source}: expected a .pth, .pt, .safetensors or .npz file, or an "
+                      "original run directory")
+  state, saved_args = _unwrap(checkpoint, source)
   arrays, eps = {}, {}
   for key, value in state.items():
     if hasattr(value, "detach"):  # a torch tensor, possibly float16 or bfloat16
@@ -201,7 +215,55 @@ def read_checkpoint(weights: Mapping[str, Any] | str | os.PathLike) -> OriginalC
                     source, _DDP_PREFIX, len(arrays))
     arrays = {k[len(_DDP_PREFIX):]: v for k, v in arrays.items()}
     eps = {k[len(_DDP_PREFIX):]: v for k, v in eps.items()}
-  return OriginalCheckpoint(arrays, eps, source, _saved_args(args, source))
+  return OriginalCheckpoint(arrays, eps, source, saved_args)
+
+
+def _safetensors_load(path: str) -> dict[str, Any]:
+  """A `.safetensors` file as `{'model': arrays}`, with the builder of its metadata if any."""
+  try:
+    with safetensors.safe_open(path, framework="numpy") as f:
+      metadata = f.metadata() or {}
+    state = safetensors.numpy.load_file(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"{path}: not a safetensors file ({type(e).__name__}: {e})") from None
+  if "arch" not in metadata:
+    return state
+  try:
+    model_args = json.loads(metadata.get("model_args", "{}"))
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}: the metadata's model_args is not JSON ({e})") from None
+  return {"model": state, "arch": metadata["arch"], "model_args": model_args}
+
+
+def write_checkpoint(path: str | os.PathLike, state: Mapping[str, np.ndarray], arch: str,
+                     model_args: Mapping[str, Any], file_format: str) -> None:
+  """Writes an original state dict (key -> float32 array) with the builder that makes its model.
+
+  'original': a `.pth` like the original trainer's, `{'model': state dict, 'arch', 'model_args'}`
+  (plain values only, so `torch.load(weights_only=True)` reads it and the original's
+  `model.load_state_dict(checkpoint['model'])` loads it; needs PyTorch). 'safetensors': the same
+  names and arrays, `arch` and `model_args` (JSON) in the metadata; any framework reads it. The
+  file appears complete or not at all.
+  """
+  if file_format not in FORMATS:
+    raise UserError(f"format {file_format!r}: expected one of {list(FORMATS)}")
+  path = os.fspath(path)
+  partial = f"{path}.partial"
+  try:
+    if file_format == "safetensors":
+      safetensors.numpy.save_file(dict(state), partial, metadata={
+          "format": "pt", "arch": arch, "model_args": json.dumps(dict(model_args))})
+    else:
+      try:
+        import torch  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        raise errors.torch_required("--format=original (a .pth file)") from None
+      torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in state.items()},
+                  "arch": arch, "model_args": dict(model_args)}, partial)
+    os.replace(partial, path)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
 
 
 def _torch_eps(dtype: Any) -> float:

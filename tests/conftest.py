@@ -1,4 +1,10 @@
-"""Shared test fixtures: the reference data made with the original PyTorch implementation."""
+"""Shared test fixtures: the reference data made with the original PyTorch implementation.
+
+The reference data live in tests/fixtures (how they were made: tests/fixtures/README.md). Two
+things come from outside the repository when a `shared/` folder stands beside the checkout: the
+original PyTorch code (`../shared/original`, for the tests that run it) and the HEAR task
+generator (`../shared/evalsuite/make_suite.py`); tests needing either skip, saying so, when absent.
+"""
 import pathlib
 import subprocess
 import sys
@@ -7,9 +13,19 @@ import pytest
 
 from audiomaepp import experiment
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-MAKE_SUITE = FIXTURES.parent / "evalsuite" / "make_suite.py"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+ORIGINAL_CODE = SHARED / "original"
+MAKE_SUITE = SHARED / "evalsuite" / "make_suite.py"
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def require_make_suite() -> pathlib.Path:
+  """MAKE_SUITE, or skips the calling test when it is not beside the checkout."""
+  if not MAKE_SUITE.is_file():
+    pytest.skip(f"the HEAR task generator {MAKE_SUITE} is absent (no ../shared beside the "
+                "checkout)")
+  return MAKE_SUITE
 
 
 def experiment_config(name: str):
@@ -20,15 +36,16 @@ def experiment_config(name: str):
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
   if not FIXTURES.is_dir():
-    pytest.fail(f"reference fixtures not found at {FIXTURES} (expected ../shared beside the checkout)")
+    pytest.fail(f"reference fixtures not found at {FIXTURES}")
   return FIXTURES
 
 
 @pytest.fixture(scope="session")
 def hear_suite_dir(tmp_path_factory) -> pathlib.Path:
   """HEAR-format tasks kws-v1 (10 words) and pitch-v1 (24 notes), 5 clips per class (~5 s)."""
+  make_suite = require_make_suite()
   out = tmp_path_factory.mktemp("hear_suite")
-  command = [sys.executable, str(MAKE_SUITE), "--out", str(out), "--tasks", "kws,pitch",
+  command = [sys.executable, str(make_suite), "--out", str(out), "--tasks", "kws,pitch",
              "--per_class", "5"]
   done = subprocess.run(command, capture_output=True, text=True)
   if done.returncode:

@@ -1,4 +1,4 @@
-"""Original-format files made with the original PyTorch code (../shared/original); torch optional.
+"""Original-format files made with the original PyTorch code (../shared/original); optional.
 
 `original_models()` skips the calling test when torch or the original code's dependencies
 (einops, rotary-embedding-torch) are missing, so the suite runs cleanly without them.
@@ -10,13 +10,15 @@ import sys
 import ml_collections
 import pytest
 
-from conftest import FIXTURES
-
-ORIGINAL_CODE = FIXTURES.parent / "original"
+from conftest import ORIGINAL_CODE
 
 
 def original_models():
-  """The original package's `models` module (builders and `MAE_PlusPlus`)."""
+  """The original package's `models` module (builders and `MAE_PlusPlus`); skips the calling
+  test when the code or its dependencies are absent."""
+  if not (ORIGINAL_CODE / "audiomaepp_original").is_dir():
+    pytest.skip(f"the original PyTorch code {ORIGINAL_CODE} is absent (no ../shared beside the "
+                "checkout)")
   for module in ("torch", "einops", "rotary_embedding_torch"):
     pytest.importorskip(module)
   if str(ORIGINAL_CODE) not in sys.path:

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LOG_LINE = re.compile(r"[IWEF]\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\]")
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 MICRO = (f"--weights={FIXTURES / 'maepp_micro_weights.npz'}",
          f"--original_args={FIXTURES / 'maepp_micro_config.json'}")
 

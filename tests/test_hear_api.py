@@ -61,6 +61,15 @@ def test_shapes_and_timestamps(micro, seconds, frames):
   assert np.isfinite(scene).all()
 
 
+def test_nested_lists_are_accepted(micro, hear_fixture):
+  """Audio as a list of lists (what HEAR's runner may pass) gives the array's embeddings."""
+  model = hear_api.from_variables(*micro, frame_layout="original")
+  audio = hear_fixture["audio__chirp_3p7s"][None]
+  frames, times = hear_api.get_timestamp_embeddings(audio.tolist(), model)
+  np.testing.assert_allclose(frames, hear_fixture["timestamp_embeddings__chirp_3p7s"], atol=1e-4)
+  np.testing.assert_allclose(times, hear_fixture["timestamps_ms__chirp_3p7s"], atol=1e-3)
+
+
 @pytest.mark.integration
 def test_batch_matches_single_clips(micro):
   model = hear_api.from_variables(*micro)

@@ -116,6 +116,11 @@ def test_containers_and_ddp_prefix_are_unwrapped(fixtures_dir, caplog):
   assert "stripped the DistributedDataParallel prefix 'module.' from all" in caplog.text
 
 
+def _junk(path):
+  path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+  return path
+
+
 def test_bad_checkpoints_get_one_clear_line(fixtures_dir, tmp_path):
   state, args = _micro_state(fixtures_dir), _micro_args(fixtures_dir)
   nan = {k: v.copy() for k, v in state.items()}
@@ -125,7 +130,8 @@ def test_bad_checkpoints_get_one_clear_line(fixtures_dir, tmp_path):
       ({"model": {"a": "text"}}, "'a' is a str, not a tensor"),
       ({}, "the state dict is empty"),
       (tmp_path / "missing.pth", "no such file or directory"),
-      (str(fixtures_dir / "maepp_micro_config.json"), "expected a .pth, .pt or .npz file"),
+      (str(fixtures_dir / "maepp_micro_config.json"), "expected a .pth, .pt, .safetensors or .npz"),
+      (str(_junk(tmp_path / "junk.safetensors")), "not a safetensors file"),
   ]
   for weights, match in cases:
     with pytest.raises(UserError, match=match) as error:

@@ -11,8 +11,8 @@ from audiomaepp.data import builders
 from audiomaepp.data import music
 from audiomaepp.data import rich
 from audiomaepp.data import speech
+import conftest
 
-MAKE_SUITE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "evalsuite" / "make_suite.py"
 ENGINES = speech.available() and music.available()
 needs_engines = pytest.mark.skipif(
     not ENGINES, reason="espeak-ng, fluidsynth or fluid-soundfont-gm is not installed "
@@ -22,7 +22,7 @@ NUM_CLIPS = 12  # one generation chunk; every 10th clip is 'eval'
 
 @pytest.fixture(scope="module")
 def make_suite():
-  spec = importlib.util.spec_from_file_location("make_suite", MAKE_SUITE)
+  spec = importlib.util.spec_from_file_location("make_suite", conftest.require_make_suite())
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

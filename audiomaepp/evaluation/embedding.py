@@ -78,6 +78,39 @@ def embed_files(paths: Sequence[str], embedder: Embedder, num_samples: int | Non
   return embeddings
 
 
+def timestamp_embeddings(paths: Sequence[str], model: hear_api.Model, batch_seconds: float = 640.0
+                         ) -> List[tuple[np.ndarray, np.ndarray]]:
+  """Per file, the HEAR API's frame embeddings (frames, D) and their times in ms (frames,),
+  batching files of equal length."""
+  by_length: Dict[int, List[tuple[int, np.ndarray]]] = collections.defaultdict(list)
+  for index, path in enumerate(paths):
+    waveform = audio_lib.load_audio(path)
+    by_length[waveform.shape[0]].append((index, waveform))
+  results: List = [None] * len(paths)
+  for length, items in by_length.items():
+    per_batch = max(1, int(batch_seconds * model.sample_rate) // length)
+    for start in range(0, len(items), per_batch):
+      batch = items[start:start + per_batch]
+      try:
+        frames, times = hear_api.get_timestamp_embeddings(np.stack([w for _, w in batch]), model)
+      except UserError as e:
+        raise UserError(f"{', '.join(str(paths[i]) for i, _ in batch)}: {e}") from None
+      for row, (index, _) in enumerate(batch):
+        results[index] = (np.asarray(frames[row]), np.asarray(times[row]))
+  return results
+
+
+def output_names(paths: Sequence[str], suffix: str) -> List[str]:
+  """Relative output names for audio files: each path relative to the folder all share, its
+  extension replaced by `suffix` (kept before it where two files would collide otherwise)."""
+  absolute = [os.path.abspath(p) for p in paths]
+  root = os.path.commonpath([os.path.dirname(p) for p in absolute])
+  relative = [os.path.relpath(p, root) for p in absolute]
+  stems = [os.path.splitext(r)[0] for r in relative]
+  counts = collections.Counter(s for s, r in set(zip(stems, relative)))
+  return [(s if counts[s] == 1 else r) + suffix for s, r in zip(stems, relative)]
+
+
 def layout_dirs(output_dir: str, layout: str) -> Dict[str, str]:
   """Layout name -> the folder its task folders go into, for --layout."""
   if layout == "both":
