@@ -5,10 +5,13 @@ things come from outside the repository when a `shared/` folder stands beside th
 original PyTorch code (`../shared/original`, for the tests that run it) and the HEAR task
 generator (`../shared/evalsuite/make_suite.py`); tests needing either skip, saying so, when absent.
 """
+import contextlib
+import importlib
 import pathlib
 import subprocess
 import sys
 
+from absl import flags
 import pytest
 
 from audiomaepp import experiment
@@ -18,6 +21,22 @@ SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 ORIGINAL_CODE = SHARED / "original"
 MAKE_SUITE = SHARED / "evalsuite" / "make_suite.py"
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str):
+  """Imports benchmarks/NAME.py; on exit forgets the module and the absl flags it defined, so
+  benchmarks with flags of the same name (--steps, --seeds) can be tested in one process."""
+  before = set(flags.FLAGS)
+  path = str(CONFIGS.parent / "benchmarks")
+  sys.path.insert(0, path)
+  try:
+    yield importlib.import_module(name)
+  finally:
+    sys.path.remove(path)
+    sys.modules.pop(name, None)
+    for flag in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, flag)
 
 
 def require_make_suite() -> pathlib.Path:

@@ -1,7 +1,4 @@
 """benchmarks/study.py: the log-mel baseline, the goals and the report (no training here)."""
-import importlib
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -9,20 +6,15 @@ import pytest
 from audiomaepp import audio
 from audiomaepp.evaluation import baselines
 from audiomaepp import models
+import conftest
 from conftest import experiment_config
-
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 TASKS = ["kws-v1", "pitch-v1"]
 
 
 @pytest.fixture(scope="module")
 def study():
-  sys.path.insert(0, str(BENCHMARKS))
-  try:
-    yield importlib.import_module("study")
-  finally:
-    sys.path.remove(str(BENCHMARKS))
-    sys.modules.pop("study", None)
+  with conftest.benchmark_module("study") as module:
+    yield module
 
 
 def _results(rows):

@@ -5,9 +5,7 @@ and the original code (skipped without them): the original's parameter groups ag
 mask, and (slow) a lockstep run of both trainers on a micro model.
 """
 import functools
-import importlib
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +17,14 @@ from audiomaepp import original
 from audiomaepp.train import optim
 from audiomaepp.train import step as step_lib
 import original_code
+import conftest
 from conftest import CONFIGS
 
 
 @pytest.fixture(scope="module")
 def parity():
-  path = str(CONFIGS.parent / "benchmarks")
-  sys.path.insert(0, path)
-  try:
-    yield importlib.import_module("train_parity")
-  finally:
-    sys.path.remove(path)
-    sys.modules.pop("train_parity", None)
+  with conftest.benchmark_module("train_parity") as module:
+    yield module
 
 
 def test_original_fixture_noise_gives_the_original_masks(fixtures_dir):
