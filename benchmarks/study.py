@@ -20,9 +20,10 @@ r"""Does pretraining pay? A miniature of the paper's comparison, end to end on o
    the goals, the loss curves and a plot (PNGs beside it).
 
 Every stage is resumable: a rerun reuses the built corpus and tasks, finished pretraining,
-complete embeddings and evaluated tasks. `--scale=k` multiplies the corpus size and the training
-steps by k (for an accelerator). Text after the notes marker in OUTPUT is kept when it is
-rewritten.
+complete embeddings and evaluated tasks. `--scale=k` multiplies the corpus size, the training
+steps and the checkpoint and eval intervals by k. `--order` is the probe's training order
+(default `heareval`, the paper's protocol). Text after the notes marker in OUTPUT is kept when it
+is rewritten.
 """
 import json
 import os
@@ -47,6 +48,7 @@ from audiomaepp import train
 from audiomaepp.data import pipeline
 from audiomaepp.evaluation import drums
 from audiomaepp.evaluation import embedding
+from audiomaepp.evaluation import heareval
 from audiomaepp.evaluation import probe
 from audiomaepp.evaluation import scores
 from audiomaepp.evaluation import tasks as tasks_lib
@@ -67,6 +69,9 @@ _TASKS = flags.DEFINE_list("eval_tasks", ["kws", "pitch", drums.NAME],
                            f"Tasks to evaluate: make_suite.py's and {drums.NAME!r}.")
 _PER_CLASS = flags.DEFINE_integer("per_class", 30, "Clips per class of each task.")
 _SEEDS = flags.DEFINE_integer("seeds", 10, "Probe seeds per grid point.")
+_ORDER = flags.DEFINE_enum(
+    "order", "heareval", heareval.ORDERS, "Probe training order, as `tools.evaluate --order`: "
+    "'heareval' (the kit's fixed permutation; the paper's protocol), 'shuffle' or 'sorted'.")
 _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 500, "Probe epoch limit (lower: smoke runs only).")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: the config's, x scale).")
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", None, "Corpus size (default: the config's, x scale).")
@@ -103,6 +108,9 @@ def study_config(block: str) -> ml_collections.ConfigDict:
   config.data.synthetic_num_clips = _NUM_CLIPS.value or config.data.synthetic_num_clips * _SCALE.value
   config.data.data_dir = _DATA_DIR.value
   config.num_train_steps = _STEPS.value or config.num_train_steps * _SCALE.value
+  # The kept checkpoints stay spread over the run (the trend probes them).
+  config.checkpoint_every_steps *= _SCALE.value
+  config.eval_every_steps *= _SCALE.value
   return config
 
 
@@ -177,7 +185,7 @@ def main(argv):
                       for t in task_names],
              done=all(tasks_lib.has_task_embeddings(out, t) for t in task_names))
 
-  config = probe.ProbeConfig(max_epochs=_MAX_EPOCHS.value)
+  config = probe.ProbeConfig(max_epochs=_MAX_EPOCHS.value, shuffle=_ORDER.value == "shuffle")
   evaluate = lambda row, seeds: {t: _evaluate(workdir, row, t, seeds, config, stages)
                                  for t in task_names}
   results = {row: evaluate(row, list(range(_SEEDS.value))) for row in ROWS}
@@ -199,6 +207,7 @@ def main(argv):
   plot_loss_curves(curves, output.with_name(output.stem + "_loss.png"))
   plot_scores(results, task_names, output.with_name(output.stem + "_scores.png"))
   setup = {"config": configs["AudioMAE++"], "per_class": _PER_CLASS.value, "seeds": _SEEDS.value,
+           "order": _ORDER.value,
            "trend_seeds": _TREND_SEEDS.value,
            "params": {row: models.parameter_counts(configs[row].model) for row in run_dirs},
            # The command that makes this report (--report_only only changes what is run).
@@ -254,12 +263,13 @@ def _evaluate(workdir: pathlib.Path, row: str, task: str, seeds: list, config: p
               stages: Stages) -> dict:
   """One row's result on one task (TaskResult.to_json()), cached per row, task and seeds; None
   when it is not cached and `stages` runs nothing."""
-  cache = workdir / "scores" / _slug(row) / f"{task}-{len(seeds)}seeds.json"
+  cache = workdir / "scores" / _slug(row) / f"{task}-{len(seeds)}seeds-{_ORDER.value}.json"
   if cache.exists():
     return json.loads(cache.read_text())
   if stages.dry:
     return None
-  embeddings = tasks_lib.read_task_embeddings(workdir / "embeddings" / _slug(row) / task)
+  task_dir = workdir / "embeddings" / _slug(row) / task
+  embeddings = heareval.arrange(tasks_lib.read_task_embeddings(task_dir), task_dir, _ORDER.value)
   result = stages.run(f"evaluate {row} {task} ({len(seeds)} seeds)",
                       lambda: probe.evaluate_task(embeddings, seeds, config))
   cache.parent.mkdir(parents=True, exist_ok=True)
@@ -384,7 +394,8 @@ def write_report(output: pathlib.Path, results: dict, trend: dict, checks: dict,
       f"--per_class {setup['per_class']} --seed 0` (voices / instruments disjoint across splits), "
       "drums from real drum-kit recordings (`audiomaepp/evaluation/drums.py`, kits disjoint "
       "across splits); HEAR probe "
-      f"protocol of `audiomaepp.tools.evaluate`, {setup['seeds']} seeds; test accuracy (%), "
+      f"protocol of `audiomaepp.tools.evaluate --order={setup['order']}`, {setup['seeds']} "
+      "seeds; test accuracy (%), "
       "mean ± 95% CI over seeds; s(m): normalised score over these rows.", "",
       "## Results", "", *score_table(results, task_names), "",
       f"![scores]({output.stem}_scores.png)", "",

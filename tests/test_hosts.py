@@ -142,6 +142,15 @@ def _wait_for_step(procs, workdir, step):
     time.sleep(0.02)
 
 
+def _wait_for_checkpoint(procs, workdir, step):
+  deadline = time.time() + 400
+  while (checkpointing.latest_complete_step(workdir) or 0) < step:
+    if any(p.poll() is not None for p in procs) or time.time() > deadline:
+      _finish(procs, timeout=1)
+      pytest.fail(f"a process ended or stalled before checkpoint {step} was complete")
+    time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, env):
   """An uninterrupted env-only 2-process run."""
@@ -168,6 +177,7 @@ def test_kill9_of_one_host_survivor_reports_and_exits_then_both_resume(tmp_path,
   workdir = str(tmp_path / "w")
   procs = _start_pair(workdir, env, main_runs.free_port())
   _wait_for_step(procs, workdir, 7)
+  _wait_for_checkpoint(procs, workdir, 6)  # saves finish asynchronously, after later steps
   os.killpg(procs[1].pid, signal.SIGKILL)
   killed = time.monotonic()
   try:

@@ -54,7 +54,7 @@ def test_report_has_every_row_and_keeps_the_notes(study, tmp_path):
   output = tmp_path / "results.md"
   output.write_text(f"old table\n{study.NOTES_MARKER}\n\nhand-written reading\n")
   config = experiment_config("study")
-  setup = {"config": config, "per_class": 30, "seeds": 10, "trend_seeds": 3,
+  setup = {"config": config, "per_class": 30, "seeds": 10, "trend_seeds": 3, "order": "heareval",
            "command": "python benchmarks/study.py --workdir=w",
            "params": {"AudioMAE++": models.parameter_counts(config.model),
                       "MAE": models.parameter_counts(experiment_config("study").model)}}
@@ -69,6 +69,7 @@ def test_report_has_every_row_and_keeps_the_notes(study, tmp_path):
   text = output.read_text()
   assert "old table" not in text and text.endswith("hand-written reading\n")
   assert "Wall time: 2.0 min" in text
+  assert "`audiomaepp.tools.evaluate --order=heareval`, 10 seeds" in text
   # s(m) over the four rows: AudioMAE++ is the best on kws (1) and halfway on pitch (10 / 20).
   assert "| AudioMAE++ | 60.0 ± 1.5 | 40.0 ± 1.5 | 75.0 |" in text
   assert "| log-mel mean+std | 55.0 ± 1.5 | 50.0 ± 1.5 | 87.5 |" in text
