@@ -7,6 +7,7 @@ setuptools.setup(
     description="AudioMAE++: masked autoencoders with transformer++ blocks for audio, in JAX/Flax.",
     packages=setuptools.find_packages(include=["audiomaepp", "audiomaepp.*"]),
     package_data={"audiomaepp": ["evaluation/data/*.json"]},
+    license="MIT",
     python_requires=">=3.10",
     install_requires=[
         "absl-py", "array_record", "chex", "etils", "flax", "grain", "jax", "librosa",

@@ -1,5 +1,7 @@
 """The drums task on real drum-kit recordings: instrument classes, kit splits, the HEAR folder."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -101,3 +103,20 @@ def test_missing_kits_name_the_package(tmp_path):
 def test_fit_clip_centres_or_cuts():
   np.testing.assert_array_equal(drums.fit_clip(np.ones(3, np.float32), 7), [0, 0, 1, 1, 1, 0, 0])
   np.testing.assert_array_equal(drums.fit_clip(np.arange(9.0), 4), [0, 1, 2, 3])
+
+
+def test_command_line_writes_the_task_or_names_the_package(tmp_path):
+  kits_dir = str(tmp_path / "kits")
+  for k in range(3):
+    _write_kit(kits_dir, f"kit{k}", [("Kick", 1), ("Snare", 1)], np.random.default_rng(k))
+  command = [sys.executable, "-m", "audiomaepp.tools.drums_task", f"--output_dir={tmp_path}/t"]
+  done = subprocess.run([*command, f"--kits_dir={kits_dir}"], capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == (f"wrote {tmp_path}/t/drums-v1: train 2 clips, valid 2 clips, "
+                                 "test 2 clips")
+  missing = subprocess.run([*command, f"--kits_dir={tmp_path}/none"], capture_output=True,
+                           text=True)
+  assert missing.returncode == 1
+  assert missing.stderr.strip().splitlines() == [
+      f"error: the drums task needs the Debian package hydrogen-drumkits ({tmp_path}/none is "
+      "missing): install it with `apt-get install -y hydrogen-drumkits`"]
