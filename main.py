@@ -11,6 +11,9 @@ this host could not join the others; 143 stopped by SIGTERM after a checkpoint; 
 the coordinator (process 0) was lost: JAX's client aborts the process within seconds, and
 `launch/supervise.sh` prints the one-line report. The supervisor restarts on 75, 143 and deaths
 by a signal.
+
+Compiled programs are kept in JAX's persistent compilation cache: `JAX_COMPILATION_CACHE_DIR`,
+or `.jax_compilation_cache` beside the workdir (`parallel.use_compilation_cache`).
 """
 import multiprocessing
 import os
@@ -18,6 +21,7 @@ import time
 
 import jax
 from absl import flags
+from absl import logging
 from jax._src import distributed  # the coordination service client, for the host watchdog
 from ml_collections import config_flags
 
@@ -66,6 +70,7 @@ def main(argv):
     # Mostly transient (the coordinator not up yet, a host still restarting): worth a restart.
     cli.print_error(f"could not join the other hosts: {str(e).splitlines()[0] if str(e) else e!r}")
     raise SystemExit(HOST_LOST_EXIT_CODE) from None
+  logging.info("compilation cache: %s", parallel.use_compilation_cache(_WORKDIR.value))
   watchdog = _watch_hosts(_WORKDIR.value) if joined and jax.process_count() > 1 else None
   try:
     run = finetune.run if _CONFIG.value.get("task") == "finetune" else train.run

@@ -93,6 +93,9 @@ def base_config(size: Optional[str] = "base", block: str = "plusplus"
   c.keep_checkpoints = 5
   # Per-device peak FLOP/s for the MFU estimate on devices not in metrics.PEAK_FLOPS (0: unknown).
   c.peak_flops = 0.0
+  # 'a,b': a jax.profiler trace of steps a to b in the workdir for TensorBoard ('': none);
+  # `audiomaepp.profiling`.
+  c.profile_steps = ""
 
   # Mesh: `data` x `fsdp` devices (-1: all remaining). Parameters are replicated unless
   # `shard_params` is set, in which case the logical rules below shard them over `fsdp`.

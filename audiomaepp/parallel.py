@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax._src import clusters  # JAX's own cluster detection (SLURM, TPU VM, ...)
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -194,3 +195,18 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+COMPILATION_CACHE_DIR = ".jax_compilation_cache"
+
+
+def use_compilation_cache(workdir: str) -> str:
+  """Turns on JAX's persistent compilation cache and returns its directory: the one
+  `JAX_COMPILATION_CACHE_DIR` (or `jax_compilation_cache_dir`) names, else
+  `.jax_compilation_cache` beside the workdir, so that restarts and runs side by side reuse
+  each other's compiled programs. `JAX_ENABLE_COMPILATION_CACHE=false` turns it off."""
+  directory = jax.config.jax_compilation_cache_dir
+  if not directory:
+    directory = str(epath.Path(workdir).parent / COMPILATION_CACHE_DIR)
+    jax.config.update("jax_compilation_cache_dir", directory)
+  return directory

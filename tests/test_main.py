@@ -29,6 +29,7 @@ def config(tmp_path):
     ("batch_size", 0, "config.batch_size=0: expected a positive integer"),
     ("data.crop_frames", 100, "config.data.crop_frames=100 differs"),
     ("mesh.data", 3, "config.mesh"),
+    ("profile_steps", "3,2", "config.profile_steps='3,2': expected 'a,b' with 1 <= a <= b"),
 ])
 def test_bad_config_fields(config, field, value, message):
   if field == "model.size":

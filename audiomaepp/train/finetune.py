@@ -25,10 +25,12 @@ from audiomaepp import checkpointing
 from audiomaepp import metrics as metrics_lib
 from audiomaepp import models
 from audiomaepp import parallel
+from audiomaepp import profiling
 from audiomaepp.data import labelled
 from audiomaepp.data import pipeline
 from audiomaepp.evaluation import scores
 from audiomaepp.evaluation import tasks as tasks_lib
+from audiomaepp.errors import UserError
 from audiomaepp.models import classifier as classifier_lib
 from audiomaepp.train import finetune_step as step_lib
 from audiomaepp.train import loop
@@ -50,6 +52,10 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
       raise ConfigError(f"config.{name}={config[name]}: expected a positive integer")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("config.num_train_steps and config.num_epochs are both <= 0: set one")
+  try:
+    profiling.parse_steps(config.profile_steps)
+  except UserError as e:
+    raise ConfigError(str(e)) from None
   for divisor, what in ((jax.device_count(), "devices"), (jax.process_count(), "processes")):
     if config.batch_size % divisor:
       raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
@@ -300,6 +306,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   evaluate = functools.partial(_evaluate, predict_fn=predict_fn, config=config,
                                sharding=batch_sharding, block=block, multilabel=multilabel,
                                writer=writer)
+  profiler = profiling.StepProfiler(config.profile_steps, workdir)
   result = loop.RunResult(step=start_step, checkpoint_step=checkpointer.latest_step())
   pending, window = [], []
   try:
@@ -310,7 +317,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                        config.seed, step - 1, block,
                                        config.finetune.weighted_sampling)
       batch = pipeline.make_global_batch(host_rows, batch_sharding)
+      profiler.before(step)
       state, step_metrics = train_fn(state, batch, rng)
+      profiler.after(step, step_metrics)
       pending.append(step_metrics)
       result.step = step
       log_now = loop._due(step, config.log_every_steps, total_steps)  # pylint: disable=protected-access
@@ -346,6 +355,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       logging.info("test %s of the best checkpoint (step %d): %.4f",
                    "mAP" if multilabel else "top-1", best_step, out["score"])
   finally:
+    profiler.close()
     watcher.close()
     checkpointer.close()
     best.close()

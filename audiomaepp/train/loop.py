@@ -41,6 +41,7 @@ from audiomaepp import checkpointing
 from audiomaepp import metrics as metrics_lib
 from audiomaepp import models
 from audiomaepp import parallel
+from audiomaepp import profiling
 from audiomaepp import visualize
 from audiomaepp.data import pipeline
 from audiomaepp.errors import UserError
@@ -96,6 +97,10 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
       raise ConfigError(f"config.{name}={config[name]}: expected a positive integer")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:
     raise ConfigError("config.num_train_steps and config.num_epochs are both <= 0: set one")
+  try:
+    profiling.parse_steps(config.profile_steps)
+  except UserError as e:
+    raise ConfigError(str(e)) from None
   if config.batch_size % num_devices:
     raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
                       f"{num_devices} devices")
@@ -561,6 +566,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       peak_flops_total=peak * jax.device_count() if peak else None,
       total_steps=total_steps, start_step=start_step)
   watcher = _PreemptionWatcher(checkpointer.manager)
+  profiler = profiling.StepProfiler(config.profile_steps, workdir)
   result = RunResult(step=start_step, checkpoint_step=checkpointer.latest_step())
   pending, window = [], []
   ending_error = None
@@ -569,7 +575,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       if on_step is not None:
         on_step(step)
       batch = pipeline.make_global_batch(next(train_input), batch_sharding)
+      profiler.before(step)
       state, step_metrics = train_fn(state, batch, rng)
+      profiler.after(step, step_metrics)
       pending.append(step_metrics)
       if step == start_step + 1:
         # Rates should not include compilation: time from the end of the first step.
@@ -606,8 +614,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     ending_error = e
     raise
   finally:
-    _close_all([train_input.close, eval_input.close, watcher.close, checkpointer.close,
-                writer.close], ending_error)
+    _close_all([profiler.close, train_input.close, eval_input.close, watcher.close,
+                checkpointer.close, writer.close], ending_error)
     if is_main:
       _plot_loss_curve(workdir)
   if result.preempted:
