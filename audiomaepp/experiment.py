@@ -52,8 +52,9 @@ def data_config() -> ml_collections.ConfigDict:
   d.train_split = "train"
   d.eval_split = "eval"
   d.crop_frames = 200  # equals model.input_shape[0]
-  # Grain worker processes per host: 0 reads in the main process; -1 (auto) is all but two
-  # cores where JAX runs on an accelerator, 0 on CPU (pipeline.num_workers resolves it).
+  # Grain worker processes per host: 0 reads in the main process; -1 (auto) is all but two of
+  # this process's share of the cores where JAX runs on an accelerator (8 processes on a node of
+  # 96 cores: 10 each), 0 on CPU (pipeline.num_workers resolves it).
   d.num_workers = -1
   d.prefetch_buffer_size = 2  # batches buffered per Grain worker process
   # Per process (the trainer, or each worker): threads that read and crop a host batch each, and

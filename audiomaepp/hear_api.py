@@ -29,13 +29,13 @@ from audiomaepp import checkpointing
 from audiomaepp import models
 from audiomaepp.audio import features
 from audiomaepp.errors import UserError
+from audiomaepp.models import config as model_config_lib
 
-SAMPLE_RATE = 16000
-FRAME_LAYOUTS = ("time_major", "original")
+SAMPLE_RATE = features.SAMPLE_RATE
+FRAME_LAYOUTS = model_config_lib.FRAME_LAYOUTS
 # Chunks per encoder call at most; longer inputs (hours of audio) go through in slices of this size
 # so memory stays bounded.
 MAX_CHUNKS_PER_CALL = 256
-_STD_EPS = 1e-8
 # Audio of shape (samples, c) with c at most this many is taken for one multichannel clip.
 _MAX_CHANNELS = 8
 
@@ -134,10 +134,7 @@ def _check_audio(audio: Any) -> jnp.ndarray:
 @jax.jit
 def _standardised_log_mel(audio: jnp.ndarray) -> jnp.ndarray:
   """(n_sounds, samples) -> (n_sounds, frames, mel), standardised per clip (unbiased std)."""
-  spectrogram = audio_lib.log_mel_jax(audio)
-  mean = spectrogram.mean(axis=(1, 2), keepdims=True)
-  std = spectrogram.std(axis=(1, 2), keepdims=True, ddof=1)
-  return (spectrogram - mean) / (std + _STD_EPS)
+  return features.standardize(audio_lib.log_mel_jax(audio), ddof=1)
 
 
 def _bucket(n: int) -> int:

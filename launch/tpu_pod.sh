@@ -20,7 +20,8 @@
 #   TPU_NAME=maepp ZONE=us-east5-a ACCELERATOR_TYPE=v5p-128 launch/tpu_pod.sh run \
 #     configs/base.py gs://my-bucket/runs/base --config.data.data_dir=/data/audioset_tfds
 #
-# setup installs Python 3.11 with uv (the TPU base images ship 3.10; jax 0.10.2 needs >= 3.11).
+# setup ships the last commit of this checkout (it refuses while tracked files have uncommitted
+# changes) and installs Python 3.11 with uv (the TPU base images ship 3.10; jax 0.10.2 needs >= 3.11).
 # run starts `launch/supervise.sh -- main.py` with setsid/nohup on every worker, so training
 # survives the ssh session; each worker logs to ~/audiomaepp/logs/<hostname>.log. The supervisor
 # restarts after host loss or a crash; `watch` (run it where you run gcloud) recreates a
@@ -77,6 +78,11 @@ create() {
 
 setup() {
   local archive=/tmp/audiomaepp-src.tar.gz
+  # The workers get the last commit: refuse rather than silently drop edits not committed yet.
+  if [[ -n "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]]; then
+    echo "error: $REPO has uncommitted changes and setup ships the last commit (git archive HEAD): commit or stash them first" >&2
+    exit 1
+  fi
   run git -C "$REPO" archive --format=tar.gz -o "$archive" HEAD
   run "${GCLOUD[@]}" scp "$archive" "$TPU_NAME:audiomaepp-src.tar.gz" "${LOCATION[@]}" --worker=all
   on_workers all "set -e; command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; \

@@ -1,4 +1,6 @@
 """Workdir config record and params-only checkpoints round-trip."""
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,3 +34,25 @@ def test_config_record_round_trip(tmp_path):
 def test_missing_workdir_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a workdir"):
     checkpointing.load_config(str(tmp_path / "nowhere"))
+
+
+class _RaisesOnDelete:
+  def __init__(self, error):
+    self.error = error
+
+  def __del__(self):
+    raise self.error
+
+
+def test_restores_drop_only_the_closed_event_loop_noise_and_restore_the_hook(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+  previous = sys.unraisablehook
+  other = ValueError("a real problem")
+  with pytest.raises(KeyError):
+    with checkpointing._quiet_failed_reads():  # pylint: disable=protected-access
+      _RaisesOnDelete(RuntimeError("Event loop is closed"))  # deleted at once: unraisable
+      _RaisesOnDelete(other)
+      raise KeyError("the restore's own error")
+  assert seen == [other]
+  assert sys.unraisablehook is previous

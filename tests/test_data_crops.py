@@ -91,6 +91,9 @@ def test_num_workers_auto_is_zero_on_cpu(monkeypatch):
   assert config.num_workers == -1
   assert pipeline.num_workers(config) == 0  # the tests run JAX on CPU
   monkeypatch.setattr(pipeline.jax, "default_backend", lambda: "gpu")
+  for name in ("SLURM_CPUS_PER_TASK", *pipeline.LOCAL_PROCESS_COUNT_VARS):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 16)
   monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(16)))
   assert pipeline.num_workers(config) == 14
   config.num_workers = 3
@@ -98,3 +101,22 @@ def test_num_workers_auto_is_zero_on_cpu(monkeypatch):
   config.num_workers = -2
   with pytest.raises(UserError, match=r"num_workers must be -1 \(auto\) or >= 0, got -2"):
     pipeline.num_workers(config)
+
+
+@pytest.mark.parametrize("affinity, env, workers", [
+    (96, {}, 94),  # alone on the machine
+    (96, {"SLURM_NTASKS_PER_NODE": "8"}, 10),  # 8 unbound tasks share 96 cores: 12 each
+    (96, {"LOCAL_WORLD_SIZE": "4"}, 22),
+    (12, {"SLURM_NTASKS_PER_NODE": "8"}, 10),  # bound by the launcher: the mask is the share
+    (96, {"SLURM_CPUS_PER_TASK": "12", "SLURM_NTASKS_PER_NODE": "8"}, 10),
+    (96, {"SLURM_NTASKS_PER_NODE": "64"}, 0),
+])
+def test_auto_workers_use_this_process_share_of_the_cores(monkeypatch, affinity, env, workers):
+  monkeypatch.setattr(pipeline.jax, "default_backend", lambda: "gpu")
+  for name in ("SLURM_CPUS_PER_TASK", *pipeline.LOCAL_PROCESS_COUNT_VARS):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 96)
+  monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(affinity)))
+  assert pipeline.num_workers(experiment.data_config()) == workers

@@ -4,6 +4,7 @@ import os
 import signal
 import re
 import shlex
+import shutil
 import subprocess
 
 import pytest
@@ -141,10 +142,39 @@ def test_supervisor_passes_sigterm_and_stops(tmp_path):
   assert "restart" not in stderr
 
 
-def test_tpu_pod_dry_run_commands():
+def _committed_checkout(tmp_path):
+  """A git checkout holding launch/tpu_pod.sh, committed (setup ships the last commit)."""
+  repo = tmp_path / "checkout"
+  (repo / "launch").mkdir(parents=True)
+  shutil.copy(os.path.join(LAUNCH, "tpu_pod.sh"), repo / "launch")
+  git = lambda *args: subprocess.run(["git", "-C", str(repo), *args], check=True,
+                                     capture_output=True)
+  git("init", "-q")
+  git("add", "launch")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "launch")
+  return repo
+
+
+def test_tpu_pod_setup_refuses_uncommitted_changes(tmp_path):
+  repo = _committed_checkout(tmp_path)
+  script = str(repo / "launch" / "tpu_pod.sh")
+  assert _bash(script, "--dry-run", "setup").returncode == 0
+  (repo / "untracked.py").write_text("")  # not shipped, not refused
+  assert _bash(script, "--dry-run", "setup").returncode == 0
+  with open(script, "a") as f:
+    f.write("\n")
+  refused = _bash(script, "--dry-run", "setup")
+  assert refused.returncode == 1 and refused.stdout == ""
+  assert refused.stderr.strip() == (
+      f"error: {repo} has uncommitted changes and setup ships the last commit (git archive "
+      "HEAD): commit or stash them first")
+
+
+def test_tpu_pod_dry_run_commands(tmp_path):
   env = {"TPU_NAME": "pod", "ZONE": "us-central2-b", "ACCELERATOR_TYPE": "v4-64",
          "PROJECT": "proj"}
-  tpu = lambda *args: _bash(os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run", *args, env=env)
+  script = str(_committed_checkout(tmp_path) / "launch" / "tpu_pod.sh")
+  tpu = lambda *args: _bash(script, "--dry-run", *args, env=env)
   create = _last_command(tpu("create"))
   assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "pod"]
   assert "--accelerator-type=v4-64" in create and "--project=proj" in create

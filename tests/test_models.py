@@ -1,5 +1,6 @@
 """Model behaviour on micro models: masking, layouts, init, dtypes, RoPE, SwiGLU norm, remat."""
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -10,6 +11,7 @@ import pytest
 from audiomaepp import models
 from audiomaepp.models import blocks
 from audiomaepp.models import layout
+from audiomaepp.train import step as step_lib
 from audiomaepp import experiment
 import micro_models
 from conftest import experiment_config
@@ -284,3 +286,21 @@ def test_wrong_input_shape_is_named():
   model = models.MaskedAutoencoder(config)
   with pytest.raises(ValueError, match=r"expected \(batch, 200, 80\)"):
     model.apply(variables, jnp.zeros((1, 80, 200)), method=model.encode)
+
+
+def test_eval_reconstruction_undoes_norm_pix_with_the_loss_statistics():
+  """The picture's reconstruction is pred * sqrt(unbiased var + 1e-6) + mean of each patch:
+  the inverse of the targets the loss used (computed here with NumPy)."""
+  config, variables, io = micro_models.fixture_model("maepp_micro")
+  config = dataclasses.replace(config, norm_pix_loss=True)
+  module = models.build_model(config)
+  rng = jax.random.key(5)
+  evaluate = micro_models.jit(functools.partial(step_lib.eval_step, model=module))
+  out = jax.device_get(evaluate(variables["params"], {"spectrogram": io["x"]}, rng))
+  reconstruct, _ = micro_models.functions(config)
+  pred = np.asarray(jax.device_get(reconstruct(variables, io["x"], rngs={"masking": rng}))["pred"][0])
+  patches = np.asarray(models.patchify(io["x"][:1], config.patch_size))[0]
+  expected = pred * np.sqrt(patches.var(axis=-1, ddof=1, keepdims=True) + 1e-6) + patches.mean(
+      axis=-1, keepdims=True)
+  got = np.asarray(models.patchify(out["reconstruction"][None], config.patch_size))[0]
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -130,7 +130,11 @@ def test_restart_accepts_other_fields(config, tmp_path):
   workdir = _workdir_with_checkpoint(tmp_path / "w", config)
   config.num_train_steps, config.model.remat = 99, "full"
   config.model.size, config.model.width = "tiny", 64  # same resolved numbers: the same model
-  loop._check_same_model(str(workdir), models.resolve_model_config(config.model))
+  check = lambda: loop._check_same_model(str(workdir), models.resolve_model_config(config.model))
+  assert check() is None  # accepted
+  config.model.mask_ratio = 0.5  # a field of the model itself: refused
+  with pytest.raises(train.ConfigError, match=r"mask_ratio=0.5 \(recorded 0.8\)"):
+    check()
 
 
 def test_config_is_recorded_only_once_the_run_is_accepted(config, tmp_path):

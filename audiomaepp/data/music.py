@@ -16,7 +16,9 @@ from typing import Sequence
 import numpy as np
 import soundfile as sf
 
-SAMPLE_RATE = 16000
+from audiomaepp.audio import io as audio_io
+
+SAMPLE_RATE = audio_io.SAMPLE_RATE
 EXECUTABLE = "fluidsynth"
 SOUNDFONT = "/usr/share/sounds/sf2/FluidR3_GM.sf2"
 DRUM_CHANNEL = 9

@@ -106,9 +106,33 @@ def num_classes(data_config: ml_collections.ConfigDict) -> int:
   return _builder(data_config).info.features["labels"].feature.num_classes
 
 
+# What launchers set to the number of processes sharing a machine (SLURM with
+# --ntasks-per-node, Open MPI, torchrun-style launchers).
+LOCAL_PROCESS_COUNT_VARS = ("SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                            "LOCAL_WORLD_SIZE")
+
+
+def process_cpu_share() -> int:
+  """The CPU cores this process may use: SLURM_CPUS_PER_TASK when set; else its affinity mask
+  when that is narrower than the machine (a launcher bound it); else the machine's cores shared
+  equally among the processes on it, as the launcher's local process count says."""
+  slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+  if slurm.isdigit() and int(slurm) > 0:
+    return int(slurm)
+  cores = len(os.sched_getaffinity(0))
+  if cores < (os.cpu_count() or cores):
+    return cores
+  for name in LOCAL_PROCESS_COUNT_VARS:
+    value = os.environ.get(name, "")
+    if value.isdigit() and int(value) > 0:
+      return max(1, cores // int(value))
+  return cores
+
+
 def num_workers(data_config: ml_collections.ConfigDict) -> int:
   """Grain worker processes per host: `data_config.num_workers`, where -1 (auto) is all but two
-  of this process's cores when JAX runs on an accelerator and 0 (the main process) on CPU."""
+  of this process's share of the cores (`process_cpu_share`) when JAX runs on an accelerator,
+  and 0 (the main process) on CPU."""
   requested = data_config.num_workers
   if requested >= 0:
     return requested
@@ -116,7 +140,7 @@ def num_workers(data_config: ml_collections.ConfigDict) -> int:
     raise UserError(f"config.data.num_workers must be -1 (auto) or >= 0, got {requested}")
   if jax.default_backend() == "cpu":
     return 0
-  return max(0, len(os.sched_getaffinity(0)) - 2)
+  return max(0, process_cpu_share() - 2)
 
 
 def crop(spectrogram: np.ndarray, crop_frames: int,

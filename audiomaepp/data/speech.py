@@ -13,7 +13,9 @@ import numpy as np
 from scipy import signal
 import soundfile as sf
 
-SAMPLE_RATE = 16000
+from audiomaepp.audio import io as audio_io
+
+SAMPLE_RATE = audio_io.SAMPLE_RATE
 EXECUTABLE = "espeak-ng"
 
 # The keywords of ../shared/evalsuite/make_suite.py's kws task: never part of the corpus's text.

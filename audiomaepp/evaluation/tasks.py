@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from audiomaepp.audio import io as audio_io
 from audiomaepp.errors import UserError
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = audio_io.SAMPLE_RATE
 PREDICTION_TYPES = ("multiclass", "multilabel")
 METADATA_FILE = "task_metadata.json"
 VOCABULARY_FILE = "labelvocabulary.csv"

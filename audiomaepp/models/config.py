@@ -20,6 +20,10 @@ FRAME_LAYOUTS = ("time_major", "original")
 SWIGLU_NORMS = ("shared", "separate")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = (None, "xla", "cudnn")
+# The fields that take one of a few values (ropes are checked with the widths).
+_CHOICES = {"encoder_block": BLOCKS, "decoder_block": BLOCKS, "swiglu_norm": SWIGLU_NORMS,
+            "mask_mode": MASK_MODES, "frame_layout": FRAME_LAYOUTS, "dtype": tuple(DTYPES),
+            "attention_impl": ATTENTION_IMPLS}
 # Rematerialisation of each block in the backward pass: 'none', 'full' (keep only the block's
 # input), 'dots' (keep the outputs of matmuls without batch dimensions, recompute the rest).
 REMAT_POLICIES = ("none", "full", "dots")
@@ -210,31 +214,17 @@ def resolve_model_config(model_config: Any) -> ModelConfig:
   _check_rope(encoder_rope, width, num_heads, "encoder_rope")
   _check_rope(decoder_rope, decoder_width, decoder_num_heads, "decoder_rope")
 
-  config = ModelConfig(
-      size=size,
-      width=width,
-      depth=depth,
-      num_heads=num_heads,
-      decoder_width=decoder_width,
-      decoder_depth=int(fields["decoder_depth"]),
-      decoder_num_heads=decoder_num_heads,
-      mlp_ratio=mlp_ratio,
-      input_shape=input_shape,
-      patch_size=patch_size,
-      encoder_block=_choice(fields, "encoder_block", BLOCKS),
-      decoder_block=_choice(fields, "decoder_block", BLOCKS),
-      swiglu_norm=_choice(fields, "swiglu_norm", SWIGLU_NORMS),
-      encoder_rope=encoder_rope,
-      decoder_rope=decoder_rope,
-      mask_ratio=mask_ratio,
-      mask_mode=_choice(fields, "mask_mode", MASK_MODES),
-      norm_pix_loss=bool(fields["norm_pix_loss"]),
-      frame_layout=_choice(fields, "frame_layout", FRAME_LAYOUTS),
-      dtype=_choice(fields, "dtype", tuple(DTYPES)),
-      scan_layers=bool(fields["scan_layers"]),
-      remat=_remat(fields["remat"]),
-      attention_impl=_choice(fields, "attention_impl", ATTENTION_IMPLS),
-  )
+  # Every field not converted here passes through as given (or as the schema's default).
+  fields.update(
+      size=size, width=width, depth=depth, num_heads=num_heads, decoder_width=decoder_width,
+      decoder_depth=int(fields["decoder_depth"]), decoder_num_heads=decoder_num_heads,
+      mlp_ratio=mlp_ratio, input_shape=input_shape, patch_size=patch_size,
+      encoder_rope=encoder_rope, decoder_rope=decoder_rope, mask_ratio=mask_ratio,
+      norm_pix_loss=bool(fields["norm_pix_loss"]), scan_layers=bool(fields["scan_layers"]),
+      remat=_remat(fields["remat"]))
+  for name, choices in _CHOICES.items():
+    fields[name] = _choice(fields, name, choices)
+  config = ModelConfig(**fields)
   if config.attention_impl == "cudnn" and config.dtype == "float32":
     raise UserError("config.model.attention_impl='cudnn' needs config.model.dtype 'bfloat16' "
                      "or 'float16'")

@@ -100,15 +100,22 @@ def restore_ids_from_keep(ids_keep: jax.Array, num_patches: int) -> jax.Array:
   return jnp.argsort(jnp.argsort(rank, axis=1), axis=1).astype(jnp.int32)
 
 
+def patch_statistics(patches: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """Per-patch `(mean, scale)` of `norm_pix_loss` over the last axis: scale is the square root
+  of the unbiased variance + 1e-6, as the original's torch.var; targets are
+  `(patch - mean) / scale`, and `pred * scale + mean` brings predictions back to input units."""
+  mean = patches.mean(axis=-1, keepdims=True)
+  return mean, jnp.sqrt(patches.var(axis=-1, keepdims=True, ddof=1) + 1e-6)
+
+
 def patch_targets(spectrogram: jax.Array, patch_size: Tuple[int, int] = (4, 16),
                   norm_pix: bool = False) -> jax.Array:
   """Reconstruction targets (batch, patches, pt·pf) in float32, standardised per patch when
-  `norm_pix` (with the unbiased variance + 1e-6, as the original's torch.var)."""
+  `norm_pix` (`patch_statistics`)."""
   target = patchify(spectrogram.astype(jnp.float32), patch_size)
   if norm_pix:
-    mean = target.mean(axis=-1, keepdims=True)
-    var = target.var(axis=-1, keepdims=True, ddof=1)
-    target = (target - mean) / jnp.sqrt(var + 1e-6)
+    mean, scale = patch_statistics(target)
+    target = (target - mean) / scale
   return target
 
 

@@ -88,11 +88,10 @@ def eval_step(params: Any, batch: dict[str, jax.Array], rng: jax.Array, *,
   config = model.config
   out = model.apply({"params": params}, batch["spectrogram"], rngs={"masking": rng})
   pred = out["pred"][:1].astype(jnp.float32)
-  patches = models.patchify(batch["spectrogram"][:1], config.patch_size)
   if config.norm_pix_loss:
-    mean = patches.mean(axis=-1, keepdims=True)
-    var = patches.var(axis=-1, keepdims=True)
-    pred = pred * jnp.sqrt(var + 1e-6) + mean
+    patches = models.patchify(batch["spectrogram"][:1].astype(jnp.float32), config.patch_size)
+    mean, scale = models.patch_statistics(patches)
+    pred = pred * scale + mean
   pixel_mask = jnp.broadcast_to(out["mask"][:1, :, None], pred.shape)
   to_image = lambda p: models.unpatchify(p, config.patch_size, config.grid)[0]
   return {"loss": out["loss"].astype(jnp.float32),
