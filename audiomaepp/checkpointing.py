@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import audiomaepp
+from audiomaepp import errors
 from audiomaepp.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -65,8 +66,8 @@ class StructureMismatchError(UserError):
   state of another `grad_clip_norm` or `grad_accum_steps`)."""
 
 
-class StorageError(RuntimeError):
-  """A checkpoint could not be read because storage did not answer, after retries."""
+# A checkpoint could not be read because storage did not answer, after retries.
+StorageError = errors.StorageError
 
 
 def workdir_path(workdir: Any) -> epath.Path:

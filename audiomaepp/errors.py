@@ -1,4 +1,5 @@
-"""The error types for a user's mistake, which every command line reports as one line."""
+"""The error types every command line reports as one line: a user's mistake, storage that does
+not answer."""
 
 TORCH_INSTALL = "pip install -e '.[torch]'"
 
@@ -6,6 +7,11 @@ TORCH_INSTALL = "pip install -e '.[torch]'"
 class UserError(ValueError):
   """A mistake in what the user gave (flags, files, data), not a bug: CLIs print
   `error: <message>` on one line and exit with status 1, without a traceback."""
+
+
+class StorageError(RuntimeError):
+  """Storage (a disk, a bucket) did not answer, after retries: not the user's mistake and not a
+  bug either, so command lines report it as one `error:` line too (exit status 1)."""
 
 
 class MissingDependency(UserError, ImportError):

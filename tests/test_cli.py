@@ -221,3 +221,17 @@ def test_verbosity_shows_orbax_logging(tmp_path):
                  "--verbosity=0")
   assert verbose.returncode == 0, verbose.stderr
   assert len(_foreign_log_lines(verbose.stderr)) >= 20, verbose.stderr
+
+
+def test_storage_that_does_not_answer_is_one_line(capfd):
+  """A restore whose storage stays unreadable after its retries (embed, export, evaluate)."""
+  def main(argv):
+    del argv
+    raise checkpointing.StorageError("checkpoint step 8 of gs://b/w could not be read after 4 "
+                                     "attempts (UNAVAILABLE: connection reset)")
+  with pytest.raises(SystemExit) as stop:
+    cli._run_main(main, ["prog"])
+  assert stop.value.code == 1
+  assert capfd.readouterr().err.strip() == (
+      "error: checkpoint step 8 of gs://b/w could not be read after 4 attempts (UNAVAILABLE: "
+      "connection reset)")

@@ -4,9 +4,10 @@
   * a user's mistake ends the program with one line `error: <what was wrong>` on stderr and exit
     status 1: a bad or misspelled flag (`--config.num_train_step=5`), a --config file that does
     not exist, and inside `main` an `audiomaepp.errors.UserError` (bad config, data or input
-    files; `train.TrainingError` is one), an `app.UsageError`, or a file-system error about a
-    path the user named (not found, not a directory, permission denied, ...). Any other exception
-    is a bug and keeps its traceback.
+    files; `train.TrainingError` is one), an `app.UsageError`, a file-system error about a
+    path the user named (not found, not a directory, permission denied, ...), or storage that
+    did not answer after retries (`errors.StorageError`). Any other exception is a bug and keeps
+    its traceback.
   * Orbax's logging below ERROR (dozens of INFO lines per checkpoint save or restore, warnings
     about read-only managers) is hidden, unless `--verbosity` (`-v`) is given.
 """
@@ -24,7 +25,7 @@ from audiomaepp import errors
 
 # Exceptions raised in `main` that are the user's mistake, not a bug.
 USER_ERRORS = (errors.UserError, app.UsageError, FileNotFoundError, FileExistsError,
-               NotADirectoryError, IsADirectoryError, PermissionError)
+               NotADirectoryError, IsADirectoryError, PermissionError, errors.StorageError)
 _DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')
 
 
