@@ -142,8 +142,10 @@ def finetune_config(size: Optional[str] = "base", block: str = "plusplus"
   # the classifier (its decoder is dropped); None trains the same classifier from random init.
   c.init_from = config_dict.placeholder(str)
   c.init_step = config_dict.placeholder(int)  # its checkpoint step (None: the newest)
-  # Labelled clips: a HEAR task folder (`evaluation/tasks.py`); its vocabulary sets the classes
-  # and its prediction_type multi-label (sigmoid BCE, mAP) or single-label (softmax, top-1).
+  # Labelled clips (`data/labelled.py`): 'hear', a HEAR task folder (`evaluation/tasks.py`),
+  # whose vocabulary sets the classes and prediction_type multi-label (sigmoid BCE, mAP) or
+  # single-label (softmax, top-1); or 'tfds', the labelled shards in data_dir that
+  # `tools.prepare_dataset --labels_csv` builds from AudioSet's CSVs (multi-label).
   c.data.source = "hear"
   c.data.task_dir = config_dict.placeholder(str)
   c.data.train_split = "train"

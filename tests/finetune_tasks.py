@@ -57,3 +57,32 @@ def tiny_finetune_config(task_dir, steps: int = 4, every: int = 2, init_from=Non
   config.checkpoint_every_steps = every
   config.init_from = init_from
   return config
+
+
+def write_audioset_shards(root: pathlib.Path, classes: int = 3, per_class: int = 4) -> str:
+  """Labelled TFDS shards as `tools.prepare_dataset` builds them from AudioSet's layout: tones of
+  one or two classes (class c: 300 * 2**c Hz) in 'train' (balanced CSV) and 'eval'. Returns the
+  data_dir."""
+  from audiomaepp.data import builders  # pylint: disable=import-outside-toplevel
+  from audiomaepp.data import sources  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  mids = [f"/m/{c:05d}" for c in range(classes)]
+  (root / "class_labels_indices.csv").write_text(
+      "index,mid,display_name\n" + "".join(f'{c},{mid},"tone {c}"\n' for c, mid in enumerate(mids)))
+  t = np.arange(16000 * 2) / 16000
+  csvs = []
+  for split, name in (("balanced", "balanced_train_segments.csv"), ("eval", "eval_segments.csv")):
+    (root / "audio" / split).mkdir(parents=True)
+    rows = ["# YTID, start_seconds, end_seconds, positive_labels"]
+    for i in range(classes * per_class):
+      labels = sorted({i % classes, int(rng.integers(classes))})
+      wave = sum(np.sin(2 * np.pi * 300 * 2 ** c * t) for c in labels) * 0.3 / len(labels)
+      ytid = f"{split[:2]}{i:09d}"
+      sf.write(root / "audio" / split / f"Y{ytid}.wav", wave.astype(np.float32), 16000)
+      rows.append(f'{ytid}, 0.000, 2.000, "{",".join(mids[c] for c in labels)}"')
+    (root / name).write_text("\n".join(rows) + "\n")
+    csvs.append(sources.parse_segments_arg(str(root / name)))
+  inputs = sources.Sources(str(root / "audio"), segments_csvs=tuple(csvs),
+                           labels_csv=str(root / "class_labels_indices.csv"))
+  builders.build(inputs, str(root / "tfds"), progress=False)
+  return str(root / "tfds")

@@ -1,15 +1,22 @@
-"""Labelled clips for fine-tuning, read from a HEAR 2021 task folder, and their batches.
+"""Labelled clips for fine-tuning and their batches.
 
-Each split is decoded once into per-clip log-mels (standardised per clip, as the HEAR API feeds
-the encoder) and multi-hot targets over the task's vocabulary. Global batches depend only on the
+Two sources (`open_labelled`): a HEAR 2021 task folder (`config.data.source='hear'`,
+`config.data.task_dir`; single- or multi-label as its metadata says), whose splits are decoded
+once into per-clip log-mels standardised per clip, as the HEAR API feeds the encoder; or the
+TFDS shards `tools.prepare_dataset --labels_csv` writes from AudioSet's CSVs
+(`config.data.source='tfds'`, `config.data.data_dir`; multi-label), whose clips stay on disk and
+are read per batch (only their labels are read at the start, in one pass over the split). Targets
+are multi-hot over the classes. Global batches depend only on the
 seed, the split, the batch size and the batch index (never on the number of hosts): batch b
 takes the rows b·B .. b·B + B - 1 of a stream of epoch permutations (or, with weighted
 sampling, B draws with replacement), and row r of batch b is cropped with its own generator
 seeded by (seed, b, r). Each host builds only its block of rows.
 """
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import ml_collections
 import numpy as np
 
 from audiomaepp.audio import features
@@ -24,13 +31,88 @@ _PERMUTATION_STREAM, _WEIGHTED_STREAM, _CROP_STREAM = 1, 2, 3
 
 @dataclasses.dataclass(frozen=True)
 class LabelledSplit:
-  """One split: per-clip standardised log-mels (frames, mel), targets (n, classes) float32."""
-  spectrograms: list[np.ndarray]
+  """One split: per-clip standardised log-mels (frames, mel), targets (n, classes) float32, and
+  the clips' names (file names or record ids)."""
+  spectrograms: Sequence[np.ndarray]
   targets: np.ndarray
   files: list[str]
 
   def __len__(self) -> int:
     return len(self.spectrograms)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledSet:
+  """A labelled dataset: its name, where it is, the class names, whether a clip may have several
+  labels, its split names, and how to load a split (`load`)."""
+  name: str
+  location: str
+  vocabulary: list[str]
+  multilabel: bool
+  splits: list[str]
+  loader: Callable[[str], LabelledSplit]
+
+  def load(self, split: str) -> LabelledSplit:
+    if split not in self.splits:
+      raise UserError(f"split {split!r} is not a split of {self.location} (it has {self.splits})")
+    return self.loader(split)
+
+
+def open_labelled(data_config: ml_collections.ConfigDict) -> LabelledSet:
+  """The labelled dataset `config.data` names (`source` 'hear' or 'tfds'); reads no clip yet.
+
+  Raises UserError naming the field: no task folder or data_dir, a missing folder, shards
+  without labels, another source.
+  """
+  if data_config.source == "hear":
+    if not data_config.task_dir:
+      raise UserError("config.data.task_dir is not set: give a HEAR task folder "
+                      "(--config.data.task_dir=DIR)")
+    try:
+      task = tasks_lib.read_hear_task(data_config.task_dir)
+    except FileNotFoundError as e:
+      raise UserError(f"config.data.task_dir: {e}") from None
+    return LabelledSet(task.name, str(task.task_dir), list(task.vocabulary),
+                       task.metadata["prediction_type"] == "multilabel", sorted(task.splits),
+                       lambda split: load_split(task, split))
+  if data_config.source == "tfds":
+    location = pipeline.dataset_path(data_config)
+    names = pipeline.class_names(data_config)
+    if not names:
+      raise UserError(f"{location} has no labels: build it with `python -m "
+                      "audiomaepp.tools.prepare_dataset ... --segments_csv=... --labels_csv=...`")
+    return LabelledSet(data_config.name, location, names, True,
+                       sorted(pipeline.split_names(data_config)),
+                       lambda split: load_records(data_config, split, len(names)))
+  raise UserError(f"config.data.source={data_config.source!r}: fine-tuning reads a HEAR task "
+                  "folder ('hear') or labelled TFDS shards ('tfds')")
+
+
+class _StoredSpectrograms(Sequence):
+  """The clips of a split of TFDS shards, read and standardised when indexed."""
+
+  def __init__(self, source: Any):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    record = pipeline.decode_record(self._source[int(index)])
+    return pipeline.standardized_crop(record, record["spectrogram"].shape[0])
+
+
+def load_records(data_config: ml_collections.ConfigDict, split: str,
+                 classes: int) -> LabelledSplit:
+  """A split of labelled TFDS shards: its labels now (one pass), its clips when indexed."""
+  source = pipeline.record_source(data_config, split)
+  targets = np.zeros((len(source), classes), np.float32)
+  ids = []
+  for row in range(len(source)):
+    record = pipeline.decode_record(source[row])
+    targets[row, np.asarray(record["labels"], np.int64)] = 1.0
+    ids.append(record["id"].decode())
+  return LabelledSplit(_StoredSpectrograms(source), targets, ids)
 
 
 def load_split(task: tasks_lib.HearTask, split: str) -> LabelledSplit:

@@ -106,6 +106,27 @@ def num_classes(data_config: ml_collections.ConfigDict) -> int:
   return _builder(data_config).info.features["labels"].feature.num_classes
 
 
+def split_names(data_config: ml_collections.ConfigDict) -> list[str]:
+  """The splits of the built dataset."""
+  return list(_builder(data_config).info.splits.keys())
+
+
+def class_names(data_config: ml_collections.ConfigDict) -> list[str]:
+  """The label classes' names, in index order (empty for unlabelled folders)."""
+  return list(_builder(data_config).info.features["labels"].feature.names)
+
+
+def record_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
+  """Random access to the serialized records of `split` (`decode_record` reads one)."""
+  builder = _builder(data_config)
+  _check_split(builder, split)
+  source = builder.as_data_source(split=split,
+                                  deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  if not len(source):
+    raise UserError(f"split {split!r} of {builder.data_dir} has no records")
+  return source
+
+
 # What launchers set to the number of processes sharing a machine (SLURM with
 # --ntasks-per-node, Open MPI, torchrun-style launchers).
 LOCAL_PROCESS_COUNT_VARS = ("SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE",
@@ -221,13 +242,8 @@ def examples(data_config: ml_collections.ConfigDict, *, split: str, seed: int,
   (seed, position); otherwise the records in order and centre crops. Position j depends only on
   the dataset, `seed` and j.
   """
-  builder = _builder(data_config)
-  _check_split(builder, split)
-  source = builder.as_data_source(split=split,
-                                  deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-  if not len(source):
-    raise UserError(f"split {split!r} of {builder.data_dir} has no records")
-  classes = builder.info.features["labels"].feature.num_classes
+  source = record_source(data_config, split)
+  classes = num_classes(data_config)
   dataset = grain.MapDataset.source(source).seed(seed)
   if train:
     dataset = dataset.shuffle()

@@ -1,4 +1,5 @@
-r"""Scores a fine-tuned checkpoint on a HEAR task folder, next to the frozen encoder's probe.
+r"""Scores a fine-tuned checkpoint on its data or a HEAR task folder, next to the frozen
+encoder's probe.
 
     python -m audiomaepp.tools.evaluate_finetuned --workdir=runs/ft [--task_dir=DIR] \
         [--split=test] [--probe_seeds=0] [--max_epochs=500]
@@ -22,8 +23,9 @@ from audiomaepp.tools import cli
 from audiomaepp.train import finetune
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A fine-tuning workdir.", required=True)
-_TASK_DIR = flags.DEFINE_string("task_dir", None, "HEAR task folder (default: the trained one).")
-_SPLIT = flags.DEFINE_string("split", "test", "Split of the task folder to score.")
+_TASK_DIR = flags.DEFINE_string("task_dir", None, "HEAR task folder (default: the data it was "
+                                "trained on).")
+_SPLIT = flags.DEFINE_string("split", "test", "Split to score.")
 _PROBE_SEEDS = flags.DEFINE_integer(
     "probe_seeds", 0, "> 0: also run the HEAR probe on the frozen init_from encoder.")
 _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 500, "Epoch limit of each probe.")
@@ -39,7 +41,9 @@ def main(argv):
     if not config.get("init_from"):
       raise UserError(f"{_WORKDIR.value} was trained from random initialisation: there is no "
                       "pretrained encoder to probe")
-    task_dir = _TASK_DIR.value or config.data.task_dir
+    task_dir = _TASK_DIR.value or (config.data.task_dir if config.data.source == "hear" else None)
+    if not task_dir:
+      raise UserError("--probe_seeds: the HEAR probe needs a HEAR task folder; pass --task_dir")
     out = pathlib.Path(_WORKDIR.value) / "probe_embeddings"
     model = hear_api.load_model(config.init_from)
     embedding.embed_task(task_dir, embedding.model_embedder(model), str(out))

@@ -29,7 +29,6 @@ from audiomaepp import profiling
 from audiomaepp.data import labelled
 from audiomaepp.data import pipeline
 from audiomaepp.evaluation import scores
-from audiomaepp.evaluation import tasks as tasks_lib
 from audiomaepp.errors import UserError
 from audiomaepp.models import classifier as classifier_lib
 from audiomaepp.train import finetune_step as step_lib
@@ -63,10 +62,10 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
   if config.data.crop_frames != model_config.input_shape[0]:
     raise ConfigError(f"config.data.crop_frames={config.data.crop_frames} differs from "
                       f"config.model.input_shape[0]={model_config.input_shape[0]}")
-  if config.data.source != "hear":
-    raise ConfigError(f"config.data.source={config.data.source!r}: fine-tuning reads labelled "
-                      "HEAR task folders ('hear')")
-  if not config.data.task_dir:
+  if config.data.source not in ("hear", "tfds"):
+    raise ConfigError(f"config.data.source={config.data.source!r}: fine-tuning reads a HEAR "
+                      "task folder ('hear') or labelled TFDS shards ('tfds')")
+  if config.data.source == "hear" and not config.data.task_dir:
     raise ConfigError("config.data.task_dir is not set: give a HEAR task folder "
                       "(--config.data.task_dir=DIR)")
   ft = config.finetune
@@ -87,20 +86,21 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
   return model_config
 
 
-def read_task(config: ml_collections.ConfigDict) -> tasks_lib.HearTask:
-  """The task folder, with the number of classes checked against `config.num_classes`."""
+def read_task(config: ml_collections.ConfigDict) -> labelled.LabelledSet:
+  """The labelled dataset, with the number of classes checked against `config.num_classes` and
+  the splits named in the config against its splits."""
   try:
-    task = tasks_lib.read_hear_task(config.data.task_dir)
-  except FileNotFoundError as e:
-    raise ConfigError(f"config.data.task_dir: {e}") from None
+    task = labelled.open_labelled(config.data)
+  except UserError as e:
+    raise ConfigError(str(e)) from None
   if config.num_classes > 0 and config.num_classes != len(task.vocabulary):
     raise ConfigError(f"config.num_classes={config.num_classes} differs from the "
-                      f"{len(task.vocabulary)} classes of {task.task_dir}")
+                      f"{len(task.vocabulary)} classes of {task.location}")
   for field in ("train_split", "eval_split", "test_split"):
     split = config.data[field]
     if split and split not in task.splits:
-      raise ConfigError(f"config.data.{field}={split!r} is not a split of {task.task_dir} "
-                        f"(it has {sorted(task.splits)})")
+      raise ConfigError(f"config.data.{field}={split!r} is not a split of {task.location} "
+                        f"(it has {task.splits})")
   return task
 
 
@@ -235,13 +235,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   loop._check_workdir(workdir)  # pylint: disable=protected-access
   task = read_task(config)
   num_classes = len(task.vocabulary)
-  multilabel = task.metadata["prediction_type"] == "multilabel"
+  multilabel = task.multilabel
   _check_resumable(workdir, model_config, num_classes)
   is_main = jax.process_index() == 0
   if is_main:
     loop._check_writable(workdir)  # pylint: disable=protected-access
-  train_split = labelled.load_split(task, config.data.train_split)
-  eval_split = labelled.load_split(task, config.data.eval_split)
+  train_split = task.load(config.data.train_split)
+  eval_split = task.load(config.data.eval_split)
 
   mesh = parallel.create_mesh(config.mesh)
   model = step_lib.build_model(config, model_config, num_classes)
@@ -350,7 +350,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       raise loop.CheckpointError(error)
     if not result.preempted and config.data.test_split and best.score() is not None:
       best_step, params = best.restore(with_shardings(abstract_p, params_sh))
-      test_split = labelled.load_split(task, config.data.test_split)
+      test_split = task.load(config.data.test_split)
       out = evaluate("test", params=params, split=test_split, step=total_steps)
       logging.info("test %s of the best checkpoint (step %d): %.4f",
                    "mAP" if multilabel else "top-1", best_step, out["score"])
@@ -383,7 +383,7 @@ def _initial_state(model: Any, tx: Any, shardings: Any, rng: jax.Array, ema: boo
 def score_workdir(workdir: str, task_dir: Optional[str] = None, split: str = "test"
                   ) -> dict[str, Any]:
   """Scores the best checkpoint of a fine-tuning workdir (the latest when it has no best) on
-  `split` of a HEAR task folder (default: the one it was trained on).
+  `split` of the data it was trained on, or of the HEAR task folder `task_dir`.
 
   Returns the scores (`score_predictions`) plus 'step', 'task' and 'split'.
   """
@@ -391,16 +391,17 @@ def score_workdir(workdir: str, task_dir: Optional[str] = None, split: str = "te
   if config.get("task") != "finetune":
     raise ConfigError(f"{workdir} is not a fine-tuning workdir (its config.json has no "
                       "task='finetune')")
-  with config.unlocked():
-    config.data.task_dir = task_dir or config.data.task_dir
+  if task_dir:
+    with config.unlocked():
+      config.data.source, config.data.task_dir = "hear", task_dir
   model_config = models.resolve_model_config(config.model)
   task = read_task(config)
   if split not in task.splits:
-    raise ConfigError(f"split {split!r} is not a split of {task.task_dir} (it has "
-                      f"{sorted(task.splits)})")
+    raise ConfigError(f"split {split!r} is not a split of {task.location} (it has "
+                      f"{task.splits})")
   recorded = config.get("num_classes_resolved")
   if recorded is not None and recorded != len(task.vocabulary):
-    raise ConfigError(f"the head in {workdir} has {recorded} classes, {task.task_dir} has "
+    raise ConfigError(f"the head in {workdir} has {recorded} classes, {task.location} has "
                       f"{len(task.vocabulary)}")
   model = step_lib.build_model(config, model_config, len(task.vocabulary))
   abstract = jax.eval_shape(
@@ -424,9 +425,8 @@ def score_workdir(workdir: str, task_dir: Optional[str] = None, split: str = "te
   mesh = parallel.create_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
   sharding = parallel.batch_sharding(mesh)
   predict_fn = jax.jit(functools.partial(step_lib.predict_step, model=model))
-  data = labelled.load_split(task, split)
+  data = task.load(split)
   logits = predict(predict_fn, params, data, config.batch_size, config.data.crop_frames,
                    sharding, pipeline.host_block(sharding, config.batch_size))
-  result = score_predictions(logits, data.targets,
-                             task.metadata["prediction_type"] == "multilabel")
+  result = score_predictions(logits, data.targets, task.multilabel)
   return {**result, "step": step, "task": task.name, "split": split}
