@@ -151,6 +151,10 @@ def finetune_config(size: Optional[str] = "base", block: str = "plusplus"
   c.data.train_split = "train"
   c.data.eval_split = "valid"  # evaluated every eval_every_steps; picks the best checkpoint
   c.data.test_split = "test"  # evaluated once at the end with the best checkpoint ('' : none)
+  # Each split may join several ('fold00,fold01'). A task of folds (ESC-50 style): fold i >= 0
+  # replaces the three with hear-eval-kit's run i (test fold i, validate on fold i+1, train on
+  # the rest); -1 uses the fields above.
+  c.data.fold = -1
   c.num_classes = -1  # -1: from the task's vocabulary; otherwise it must equal its size
 
   f = c.finetune = ml_collections.ConfigDict()

@@ -9,15 +9,16 @@ SPLITS = ("train", "valid", "test")
 
 
 def write_tone_task(root: pathlib.Path, name: str = "tones-v1", multilabel: bool = False,
-                    classes: int = 3, per_class: int = 4, seconds: float = 1.0) -> pathlib.Path:
+                    classes: int = 3, per_class: int = 4, seconds: float = 1.0,
+                    splits: tuple[str, ...] = SPLITS) -> pathlib.Path:
   """A task whose class c is a tone at 300 * 2**c Hz (multi-label: each clip sums the tones of
-  one or two classes). Returns the task folder."""
+  one or two classes), with `splits` (fold* names: a task of folds). Returns the task folder."""
   task_dir = root / name
   rng = np.random.default_rng(0)
   vocabulary = [f"tone{c}" for c in range(classes)]
   (task_dir / "16000").mkdir(parents=True)
   t = np.arange(int(16000 * seconds)) / 16000
-  for split in SPLITS:
+  for split in splits:
     (task_dir / "16000" / split).mkdir()
     mapping = {}
     for i in range(classes * per_class):
@@ -35,7 +36,8 @@ def write_tone_task(root: pathlib.Path, name: str = "tones-v1", multilabel: bool
       "idx,label\n" + "".join(f"{i},{label}\n" for i, label in enumerate(vocabulary)))
   metadata = {"task_name": name, "version": "v1", "embedding_type": "scene",
               "prediction_type": "multilabel" if multilabel else "multiclass",
-              "split_mode": "trainvaltest", "splits": list(SPLITS), "sample_duration": seconds,
+              "split_mode": "new_split_kfold" if splits[0].startswith("fold") else "trainvaltest",
+              "splits": list(splits), "sample_duration": seconds,
               "evaluation": ["mAP" if multilabel else "top1_acc"]}
   (task_dir / "task_metadata.json").write_text(json.dumps(metadata))
   return task_dir

@@ -49,7 +49,7 @@ def test_a_missing_split_is_one_line_and_writes_nothing(data_dir, tmp_path):
     labelled.open_labelled(_config(path).data).load("valid")
   config = _config(path)
   config.data.eval_split = "valid"
-  with pytest.raises(finetune.ConfigError, match=r"config.data.eval_split='valid' is not a split"):
+  with pytest.raises(finetune.ConfigError, match=r"config.data.eval_split='valid': 'valid' is not a split"):
     finetune.run(config, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 

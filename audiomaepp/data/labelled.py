@@ -44,18 +44,53 @@ class LabelledSplit:
 @dataclasses.dataclass(frozen=True)
 class LabelledSet:
   """A labelled dataset: its name, where it is, the class names, whether a clip may have several
-  labels, its split names, and how to load a split (`load`)."""
+  labels, its split names, how to load a split (`load`) and, for a task of folds, the
+  {'train', 'valid', 'test': fold names} of each cross-validation run (as hear-eval-kit forms
+  them: `tasks.data_splits`)."""
   name: str
   location: str
   vocabulary: list[str]
   multilabel: bool
   splits: list[str]
   loader: Callable[[str], LabelledSplit]
+  folds: list[dict[str, list[str]]] = dataclasses.field(default_factory=list)
 
   def load(self, split: str) -> LabelledSplit:
-    if split not in self.splits:
-      raise UserError(f"split {split!r} is not a split of {self.location} (it has {self.splits})")
-    return self.loader(split)
+    """Split `split`, or several joined in order ('fold00,fold01,fold02': cross-validation on a
+    task of folds)."""
+    names = split_names(split)
+    for name in names:
+      if name not in self.splits:
+        raise UserError(f"split {name!r} is not a split of {self.location} (it has "
+                        f"{self.splits})")
+    parts = [self.loader(name) for name in names]
+    if len(parts) == 1:
+      return parts[0]
+    return LabelledSplit(_Joined([p.spectrograms for p in parts]),
+                         np.concatenate([p.targets for p in parts]),
+                         [f for p in parts for f in p.files])
+
+
+def split_names(split: str) -> list[str]:
+  """'fold00, fold01' -> ['fold00', 'fold01']."""
+  return [name.strip() for name in split.split(",") if name.strip()]
+
+
+class _Joined(Sequence):
+  """Sequences one after the other, without copying them."""
+
+  def __init__(self, parts: list[Sequence]):
+    self._parts = parts
+    self._ends = np.cumsum([len(p) for p in parts])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1])
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    part = int(np.searchsorted(self._ends, index, side="right"))
+    return self._parts[part][index - (int(self._ends[part - 1]) if part else 0)]
 
 
 def open_labelled(data_config: ml_collections.ConfigDict) -> LabelledSet:
@@ -72,9 +107,13 @@ def open_labelled(data_config: ml_collections.ConfigDict) -> LabelledSet:
       task = tasks_lib.read_hear_task(data_config.task_dir)
     except FileNotFoundError as e:
       raise UserError(f"config.data.task_dir: {e}") from None
+    try:
+      runs = tasks_lib.data_splits(task.metadata)
+    except UserError:  # neither folds nor train / valid / test: the config names the splits
+      runs = []
     return LabelledSet(task.name, str(task.task_dir), list(task.vocabulary),
                        task.metadata["prediction_type"] == "multilabel", sorted(task.splits),
-                       lambda split: load_split(task, split))
+                       lambda split: load_split(task, split), runs if len(runs) > 1 else [])
   if data_config.source == "tfds":
     location = pipeline.dataset_path(data_config)
     names = pipeline.class_names(data_config)

@@ -2,7 +2,7 @@ r"""Scores a fine-tuned checkpoint on its data or a HEAR task folder, next to th
 encoder's probe.
 
     python -m audiomaepp.tools.evaluate_finetuned --workdir=runs/ft [--task_dir=DIR] \
-        [--split=test] [--probe_seeds=0] [--max_epochs=500]
+        [--split=SPLIT] [--probe_seeds=0] [--max_epochs=500]
 
 Prints a Markdown table: the fine-tuned classifier's score (top-1 % or mAP %) on the split, with
 its best-validation checkpoint (`WORKDIR/best/`); with --probe_seeds=N also the HEAR probe
@@ -25,7 +25,8 @@ from audiomaepp.train import finetune
 _WORKDIR = flags.DEFINE_string("workdir", None, "A fine-tuning workdir.", required=True)
 _TASK_DIR = flags.DEFINE_string("task_dir", None, "HEAR task folder (default: the data it was "
                                 "trained on).")
-_SPLIT = flags.DEFINE_string("split", "test", "Split to score.")
+_SPLIT = flags.DEFINE_string("split", None, "Split(s) to score (default: the run's test split or "
+                             "fold).")
 _PROBE_SEEDS = flags.DEFINE_integer(
     "probe_seeds", 0, "> 0: also run the HEAR probe on the frozen init_from encoder.")
 _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 500, "Epoch limit of each probe.")

@@ -96,12 +96,35 @@ def read_task(config: ml_collections.ConfigDict) -> labelled.LabelledSet:
   if config.num_classes > 0 and config.num_classes != len(task.vocabulary):
     raise ConfigError(f"config.num_classes={config.num_classes} differs from the "
                       f"{len(task.vocabulary)} classes of {task.location}")
-  for field in ("train_split", "eval_split", "test_split"):
-    split = config.data[field]
-    if split and split not in task.splits:
-      raise ConfigError(f"config.data.{field}={split!r} is not a split of {task.location} "
-                        f"(it has {task.splits})")
+  run_splits(config, task)
   return task
+
+
+def run_splits(config: ml_collections.ConfigDict, task: labelled.LabelledSet) -> dict[str, str]:
+  """The 'train', 'eval' and 'test' splits of this run: `config.data.fold`'s run of a task of
+  folds (train on the others, validate on the next fold, test on this one), else the
+  `config.data.*_split` fields. Comma-separated names are joined."""
+  fold = config.data.get("fold")
+  if fold is None or fold < 0:
+    chosen = {"train": config.data.train_split, "eval": config.data.eval_split,
+              "test": config.data.test_split}
+  elif not task.folds:
+    raise ConfigError(f"config.data.fold={fold}: {task.location} is not a task of folds")
+  elif fold >= len(task.folds):
+    raise ConfigError(f"config.data.fold={fold}: {task.location} has {len(task.folds)} folds "
+                      f"(0 to {len(task.folds) - 1})")
+  else:
+    run = task.folds[fold]
+    chosen = {"train": ",".join(run["train"]), "eval": ",".join(run["valid"]),
+              "test": ",".join(run["test"])}
+  for name, value in chosen.items():
+    unknown = [s for s in labelled.split_names(value) if s not in task.splits]
+    if unknown:
+      raise ConfigError(f"config.data.{name}_split={value!r}: {unknown[0]!r} is not a split of "
+                        f"{task.location} (it has {task.splits})")
+    if name != "test" and not labelled.split_names(value):
+      raise ConfigError(f"config.data.{name}_split is empty: name the split(s) to {name} on")
+  return chosen
 
 
 def _check_resumable(workdir: str, model_config: models.ModelConfig, num_classes: int) -> None:
@@ -240,8 +263,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   is_main = jax.process_index() == 0
   if is_main:
     loop._check_writable(workdir)  # pylint: disable=protected-access
-  train_split = task.load(config.data.train_split)
-  eval_split = task.load(config.data.eval_split)
+  splits = run_splits(config, task)
+  train_split = task.load(splits["train"])
+  eval_split = task.load(splits["eval"])
 
   mesh = parallel.create_mesh(config.mesh)
   model = step_lib.build_model(config, model_config, num_classes)
@@ -337,7 +361,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       if not stop_now and loop._due(step, config.eval_every_steps, total_steps):  # pylint: disable=protected-access
         out = evaluate("eval", params=state.eval_params(), split=eval_split, step=step)
         if best.offer(step, state.eval_params(), out["score"]):
-          logging.info("best %s so far: %.4f at step %d", config.data.eval_split, out["score"],
+          logging.info("best %s so far: %.4f at step %d", splits["eval"], out["score"],
                        step)
       if save_now or stop_now:
         checkpointer.save(step, state)
@@ -348,9 +372,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     result.checkpoint_step = checkpointer.latest_step()
     if error and result.checkpoint_step != result.step:
       raise loop.CheckpointError(error)
-    if not result.preempted and config.data.test_split and best.score() is not None:
+    if not result.preempted and splits["test"] and best.score() is not None:
       best_step, params = best.restore(with_shardings(abstract_p, params_sh))
-      test_split = task.load(config.data.test_split)
+      test_split = task.load(splits["test"])
       out = evaluate("test", params=params, split=test_split, step=total_steps)
       logging.info("test %s of the best checkpoint (step %d): %.4f",
                    "mAP" if multilabel else "top-1", best_step, out["score"])
@@ -380,10 +404,11 @@ def _initial_state(model: Any, tx: Any, shardings: Any, rng: jax.Array, ema: boo
 
 
 
-def score_workdir(workdir: str, task_dir: Optional[str] = None, split: str = "test"
+def score_workdir(workdir: str, task_dir: Optional[str] = None, split: Optional[str] = None
                   ) -> dict[str, Any]:
   """Scores the best checkpoint of a fine-tuning workdir (the latest when it has no best) on
-  `split` of the data it was trained on, or of the HEAR task folder `task_dir`.
+  `split` (default: the run's test split or fold) of the data it was trained on, or of the HEAR
+  task folder `task_dir`.
 
   Returns the scores (`score_predictions`) plus 'step', 'task' and 'split'.
   """
@@ -396,13 +421,13 @@ def score_workdir(workdir: str, task_dir: Optional[str] = None, split: str = "te
       config.data.source, config.data.task_dir = "hear", task_dir
   model_config = models.resolve_model_config(config.model)
   task = read_task(config)
-  if split not in task.splits:
-    raise ConfigError(f"split {split!r} is not a split of {task.location} (it has "
-                      f"{task.splits})")
   recorded = config.get("num_classes_resolved")
   if recorded is not None and recorded != len(task.vocabulary):
     raise ConfigError(f"the head in {workdir} has {recorded} classes, {task.location} has "
                       f"{len(task.vocabulary)}")
+  split = split or run_splits(config, task)["test"]
+  if not split:
+    raise ConfigError(f"{workdir} was trained without a test split: name the split to score")
   model = step_lib.build_model(config, model_config, len(task.vocabulary))
   abstract = jax.eval_shape(
       lambda: models.unbox(model.init({"params": jax.random.PRNGKey(0)},
@@ -425,7 +450,10 @@ def score_workdir(workdir: str, task_dir: Optional[str] = None, split: str = "te
   mesh = parallel.create_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
   sharding = parallel.batch_sharding(mesh)
   predict_fn = jax.jit(functools.partial(step_lib.predict_step, model=model))
-  data = task.load(split)
+  try:
+    data = task.load(split)
+  except UserError as e:
+    raise ConfigError(str(e)) from None
   logits = predict(predict_fn, params, data, config.batch_size, config.data.crop_frames,
                    sharding, pipeline.host_block(sharding, config.batch_size))
   result = score_predictions(logits, data.targets, task.multilabel)
