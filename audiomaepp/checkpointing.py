@@ -174,7 +174,7 @@ def restore_params(workdir: Any, abstract_params: Any, step: Optional[int] = Non
       if step not in steps:
         raise UserError(f"{workdir} has no checkpoint step {step}; it has steps {sorted(steps)}")
       steps = [step]
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                        sharding=getattr(x, "sharding", None) or device),

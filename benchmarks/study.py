@@ -277,6 +277,12 @@ def _evaluate(workdir: pathlib.Path, row: str, task: str, seeds: list, config: p
   return result.to_json()
 
 
+def _model_then_step(item: tuple[str, object]) -> tuple[str, int]:
+  """Sort key of a trend row 'MODEL @ step N': the model, then N as a number."""
+  model, _, step = item[0].partition(" @ step ")
+  return model, int(step)
+
+
 def _slug(row: str) -> str:
   return "".join(c if c.isalnum() else "_" for c in row.lower()).strip("_")
 
@@ -409,7 +415,8 @@ def write_report(output: pathlib.Path, results: dict, trend: dict, checks: dict,
   if trend:
     lines += ["## Trend over pretraining steps", "",
               f"The pretrained models' checkpoints, {setup['trend_seeds']} probe seeds each:", "",
-              *score_table(dict(sorted(trend.items())), task_names, normalized=False), ""]
+              *score_table(dict(sorted(trend.items(), key=_model_then_step)), task_names,
+                           normalized=False), ""]
   lines += ["## Representation checks", "",
             "Not the protocol: a logistic regression on standardised embeddings (fit on train + "
             "valid; test accuracy %) and the effective rank of the train embeddings (of dim D).", "",

@@ -149,3 +149,39 @@ def test_evaluate_finetuned_scores_the_best_checkpoint_as_the_run_did(setup, tmp
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1].endswith("is not a fine-tuning workdir (its "
                                                        "config.json has no task='finetune')")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_hosts_with_sharded_parameters_match_one_host(setup, tmp_path):
+  """The same fine-tuning on one process with two devices (data parallel) and on two processes
+  of one device each with the parameters sharded over both (FSDP): the same batches, so the
+  same losses and validation scores within float32 rounding."""
+  root, task_dir = setup
+  command = lambda workdir: [
+      c.replace(f"num_train_steps={STEPS}", f"num_train_steps={EVERY}")
+      for c in _command(workdir, task_dir, root / "pre")]
+  one = tmp_path / "one"
+  done = subprocess.run(command(one), cwd=main_runs.REPO, capture_output=True, text=True,
+                        env=main_runs.fast_env(tmp_path / "cache1", devices=2), timeout=400)
+  assert done.returncode == 0, done.stderr[-3000:]
+  two, port = tmp_path / "two", main_runs.free_port()
+  env = main_runs.fast_env(tmp_path / "cache2", devices=1)
+  procs = [subprocess.Popen(
+      [*command(two), "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.shard_params=True",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=main_runs.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      start_new_session=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+  expected, got = _losses(one), _losses(two)
+  assert sorted(got) == sorted(expected) == list(range(1, EVERY + 1))
+  assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in sorted(got)],
+                                                        rel=1e-5)
+  assert _records(two, "eval")[0]["mAP"] == pytest.approx(_records(one, "eval")[0]["mAP"],
+                                                          abs=1e-5)

@@ -62,7 +62,8 @@ def test_report_has_every_row_and_keeps_the_notes(study, tmp_path):
          "load_average": [1.0, 1.0, 1.0], "jax": "x", "date_utc": "today"}
   curves = {"AudioMAE++": [{"step": 10, "split": "train", "loss": 0.9},
                            {"step": 10, "split": "eval", "loss": 0.8}], "MAE": []}
-  trend = {"AudioMAE++ @ step 100": results["MAE"]}
+  trend = {"AudioMAE++ @ step 1000": results["AudioMAE++"], "MAE @ step 100": results["MAE"],
+           "AudioMAE++ @ step 100": results["MAE"]}
   checks = {row: {t: {"linear": 70.0, "rank": 12.34, "dim": 480} for t in TASKS} for row in results}
   study.write_report(output, results, trend, checks, TASKS, curves, setup,
                      {"tasks": 30.0, "x": 90.0}, env)
@@ -74,6 +75,8 @@ def test_report_has_every_row_and_keeps_the_notes(study, tmp_path):
   assert "| AudioMAE++ | 60.0 ± 1.5 | 40.0 ± 1.5 | 75.0 |" in text
   assert "| log-mel mean+std | 55.0 ± 1.5 | 50.0 ± 1.5 | 87.5 |" in text
   assert "| AudioMAE++ @ step 100 | 50.0 ± 1.5 | 35.0 ± 1.5 |" in text
+  rows = [line.split(" |")[0] for line in text.splitlines() if " @ step " in line]
+  assert rows == ["| AudioMAE++ @ step 100", "| AudioMAE++ @ step 1000", "| MAE @ step 100"]
   assert "AudioMAE++ 0.900 / 0.800" in text
   assert "| MAE | 70.0 | 12.3 / 480 | 70.0 | 12.3 / 480 |" in text
 

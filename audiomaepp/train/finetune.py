@@ -389,8 +389,16 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
 def _initial_state(model: Any, tx: Any, shardings: Any, rng: jax.Array, ema: bool,
                    encoder: Optional[dict]) -> step_lib.FinetuneState:
-  """Random initialisation, with the pretrained encoder's parameters put in when given."""
+  """Random initialisation, with the pretrained encoder's parameters put in when given.
+
+  The key and the encoder (restored on one device) are placed first, the key replicated and each
+  encoder parameter with its own sharding (FSDP: never whole on one device), on every process.
+  """
   create = functools.partial(step_lib.create_state, model, tx, ema=ema)
+  rng = jax.device_put(jax.device_get(rng), shardings.step)
+  if encoder is not None:
+    encoder = jax.device_put(jax.device_get(encoder),
+                             {name: shardings.params[name] for name in encoder})
 
   def initial(rng, encoder):
     state = create(rng)
@@ -435,7 +443,7 @@ def score_workdir(workdir: str, task_dir: Optional[str] = None, split: Optional[
   best_dir = checkpointing.workdir_path(workdir) / BEST_DIR
   steps = [int(p.name) for p in best_dir.iterdir() if p.name.isdigit()] if best_dir.exists() else []
   if steps:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           abstract)
     with ocp.CheckpointManager(best_dir, options=ocp.CheckpointManagerOptions(
