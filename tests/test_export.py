@@ -69,6 +69,7 @@ def _original_frames(torch_model, x):
     return torch_model.forward_features(torch.from_numpy(x)).numpy()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["maepp_micro", "maepp_micro_rope", "mae_micro_vanilla"])
 def test_pth_loads_strictly_in_the_original_and_matches_encode(fixtures_dir, tmp_path, name):
   """Our params -> .pth -> the original's MAE_PlusPlus(**model_args), load_state_dict(strict=True)
@@ -91,6 +92,7 @@ def test_pth_loads_strictly_in_the_original_and_matches_encode(fixtures_dir, tmp
   expected = _original_frames(torch_model, x)
   assert ours.shape == expected.shape
   error = float(np.max(np.abs(ours - expected)))
+  print(f"{name}: forward_features vs encode max abs diff {error:.3g}")
   assert error <= TOLERANCE, f"{name}: forward_features vs encode max abs diff {error:.3g}"
 
 
@@ -113,6 +115,7 @@ def test_tiny_pth_loads_in_the_original_builder(tmp_path):
   _, encode = micro_models.functions(model.module.config)
   ours = np.asarray(encode({"params": model.params}, x, "original")["frames"])
   error = float(np.max(np.abs(ours - _original_frames(torch_model, x))))
+  print(f"tiny: forward_features vs encode max abs diff {error:.3g}")
   assert error <= TOLERANCE, f"tiny: forward_features vs encode max abs diff {error:.3g}"
 
 

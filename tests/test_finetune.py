@@ -56,6 +56,7 @@ def test_top1_for_single_label():
 
 @pytest.mark.parametrize("pretrained_scanned,scanned", [(True, True), (True, False),
                                                         (False, True)])
+@pytest.mark.integration
 def test_classifier_from_pretrained_reads_the_encoders_mean_token(pretrained_scanned, scanned):
   """Logits = head(mean of MaskedAutoencoder.encode's tokens) with the pretrained weights, in
   either block layout; the decoder is dropped."""
@@ -77,6 +78,7 @@ def test_classifier_from_pretrained_reads_the_encoders_mean_token(pretrained_sca
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_encoder_that_does_not_fit_is_one_line():
   _, small = _model_config(width=32)
   _, wide = _model_config(width=64)
@@ -91,6 +93,7 @@ def test_encoder_that_does_not_fit_is_one_line():
   assert "\n" not in message and "config.init_from=runs/x" in message and "shape" in message
 
 
+@pytest.mark.integration
 def test_drop_path_only_in_training():
   _, config = _model_config()
   x = jax.random.normal(jax.random.PRNGKey(1), (4, *config.input_shape))
@@ -125,6 +128,7 @@ def test_layer_scales_follow_beit(scanned):
   assert frozen["head"]["bias"] == 1.0 and frozen["encoder"]["norm"]["bias"] == 0.0
 
 
+@pytest.mark.integration
 def test_layer_decay_scales_each_parameters_update():
   """One AdamW step with layer decay moves each parameter by its scale x the undecayed step."""
   config, model_config = _model_config(depth=2)
@@ -214,6 +218,7 @@ def test_num_classes_that_differs_from_the_task_is_one_line(tmp_path):
     finetune.run(config, str(tmp_path / "ft"))
 
 
+@pytest.mark.integration
 def test_init_from_an_encoder_of_another_width_is_one_line_and_writes_nothing(tmp_path):
   pretrain = experiment.load_config(pathlib.Path(__file__).parents[1] / "configs" /
                                     "demo.py")

@@ -35,6 +35,7 @@ def test_original_fixture_noise_gives_the_original_masks(fixtures_dir):
   np.testing.assert_array_equal(mask, io["mask"])
 
 
+@pytest.mark.integration
 def test_train_step_with_noise_equals_the_drawn_masks(parity):
   """Noise that sorts into the masks the step draws itself gives the same step, bit for bit;
   other noise gives another loss."""
