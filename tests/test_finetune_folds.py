@@ -70,3 +70,17 @@ def test_a_fold_run_trains_validates_and_tests_on_its_folds(task_dir, tmp_path):
   assert scored["split"] == "fold01"
   test = [r for r in records if r["split"] == "test"][0]
   assert scored["top1_acc"] == pytest.approx(test["top1_acc"])
+
+
+@pytest.mark.parametrize("source, task_dir, message", [
+    ("hear", None, r"^config.data.task_dir is not set: give a HEAR task folder"),
+    ("folder", "x", r"^config.data.source='folder': fine-tuning reads a HEAR task folder \('hear'\) "
+                    r"or labelled TFDS shards \('tfds'\)$"),
+])
+def test_missing_or_unknown_data_is_one_line_and_writes_nothing(tmp_path, source, task_dir,
+                                                                message):
+  config = finetune_tasks.tiny_finetune_config(task_dir)
+  config.data.source, config.data.task_dir = source, task_dir
+  with pytest.raises(finetune.ConfigError, match=message):
+    finetune.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()

@@ -40,34 +40,9 @@ ConfigError = loop.ConfigError
 
 
 def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
-  """Checks the fine-tuning fields (and the shared ones) before anything is read or compiled."""
-  try:
-    model_config = models.resolve_model_config(config.model)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  for name in ("batch_size", "grad_accum_steps", "log_every_steps", "checkpoint_every_steps",
-               "eval_every_steps", "keep_checkpoints"):
-    if int(config[name]) <= 0:
-      raise ConfigError(f"config.{name}={config[name]}: expected a positive integer")
-  if config.num_train_steps <= 0 and config.num_epochs <= 0:
-    raise ConfigError("config.num_train_steps and config.num_epochs are both <= 0: set one")
-  try:
-    profiling.parse_steps(config.profile_steps)
-  except UserError as e:
-    raise ConfigError(str(e)) from None
-  for divisor, what in ((jax.device_count(), "devices"), (jax.process_count(), "processes")):
-    if config.batch_size % divisor:
-      raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
-                        f"{divisor} {what}")
-  if config.data.crop_frames != model_config.input_shape[0]:
-    raise ConfigError(f"config.data.crop_frames={config.data.crop_frames} differs from "
-                      f"config.model.input_shape[0]={model_config.input_shape[0]}")
-  if config.data.source not in ("hear", "tfds"):
-    raise ConfigError(f"config.data.source={config.data.source!r}: fine-tuning reads a HEAR "
-                      "task folder ('hear') or labelled TFDS shards ('tfds')")
-  if config.data.source == "hear" and not config.data.task_dir:
-    raise ConfigError("config.data.task_dir is not set: give a HEAR task folder "
-                      "(--config.data.task_dir=DIR)")
+  """Checks the fine-tuning fields (and the shared ones) before anything is read or compiled;
+  `read_task` checks the data fields."""
+  model_config = loop.validate_common(config)
   ft = config.finetune
   checks = {"layer_decay": 0 < ft.layer_decay <= 1, "mixup": ft.mixup >= 0,
             "label_smoothing": 0 <= ft.label_smoothing < 1, "timem": ft.timem >= 0,
@@ -77,10 +52,6 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
       raise ConfigError(f"config.finetune.{name}={ft[name]} is out of range")
   try:
     step_lib.build_model(config, model_config, 1)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  try:
-    parallel.mesh_shape(config.mesh, jax.device_count())
   except ValueError as e:
     raise ConfigError(str(e)) from None
   return model_config

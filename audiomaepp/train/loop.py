@@ -86,6 +86,18 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
   Raises:
     ConfigError: one line naming the field and what was expected.
   """
+  model_config = validate_common(config)
+  _check_data(config)
+  return model_config
+
+
+def validate_common(config: ml_collections.ConfigDict) -> models.ModelConfig:
+  """The checks pretraining and fine-tuning share: the model, the step counts and intervals,
+  `profile_steps`, the batch against the devices and processes, the crop, the mesh.
+
+  Raises:
+    ConfigError: one line naming the field and what was expected.
+  """
   try:
     model_config = models.resolve_model_config(config.model)
   except UserError as e:
@@ -114,7 +126,6 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
     parallel.mesh_shape(config.mesh, num_devices)
   except UserError as e:
     raise ConfigError(str(e)) from None
-  _check_data(config)
   return model_config
 
 
