@@ -59,6 +59,12 @@ def _losses(workdir):
           if r["split"] == "train"} if path.exists() else {}
 
 
+def _run(command, env, timeout=300):
+  """`command` in the repository, its output captured as text."""
+  return subprocess.run(command, cwd=main_runs.REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
 def _records(workdir, split):
   return [r for r in metrics.read_jsonl(str(workdir / metrics.METRICS_FILE)) if r["split"] == split]
 
@@ -68,8 +74,7 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(setup, tmp_path):
   root, task_dir = setup
   env = main_runs.fast_env(tmp_path / "cache")
   reference = tmp_path / "reference"
-  done = subprocess.run(_command(reference, task_dir, root / "pre"), cwd=main_runs.REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  done = _run(_command(reference, task_dir, root / "pre"), env)
   assert done.returncode == 0, done.stderr[-3000:]
   expected = _losses(reference)
   assert sorted(expected) == list(range(1, STEPS + 1))
@@ -95,8 +100,7 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(setup, tmp_path):
   assert killed_at < STEPS, "the run ended before the kill"
   logged = dict(_losses(workdir))
 
-  done = subprocess.run(_command(workdir, task_dir, root / "pre"), cwd=main_runs.REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  done = _run(_command(workdir, task_dir, root / "pre"), env)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "resumed from checkpoint step" in done.stderr
   resumed = _losses(workdir)
@@ -113,13 +117,11 @@ def test_resume_with_another_number_of_classes_is_one_line(setup, tmp_path):
   workdir = tmp_path / "ft"
   command = _command(workdir, task_dir, root / "pre")
   command = [c.replace(f"num_train_steps={STEPS}", f"num_train_steps={EVERY}") for c in command]
-  assert subprocess.run(command, cwd=main_runs.REPO, env=env, capture_output=True,
-                        timeout=300).returncode == 0
+  assert _run(command, env).returncode == 0
   other = finetune_tasks.write_tone_task(tmp_path, name="five-v1", classes=5, per_class=2)
   record = (workdir / checkpointing.CONFIG_FILE).read_text()
   command = [c.replace(str(task_dir), str(other)) for c in command]
-  done = subprocess.run(command, cwd=main_runs.REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
+  done = _run(command, env)
   assert done.returncode == 1
   errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "has 3 classes, the task has 5" in errors[0], done.stderr[-2000:]
@@ -132,20 +134,17 @@ def test_evaluate_finetuned_scores_the_best_checkpoint_as_the_run_did(setup, tmp
   root, task_dir = setup
   env = main_runs.fast_env(tmp_path / "cache")
   workdir = tmp_path / "ft"
-  done = subprocess.run(_command(workdir, task_dir, root / "pre"), cwd=main_runs.REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  done = _run(_command(workdir, task_dir, root / "pre"), env)
   assert done.returncode == 0, done.stderr[-3000:]
   logged = _records(workdir, "test")[0]
   result = finetune.score_workdir(str(workdir))
   assert result["mAP"] == pytest.approx(logged["mAP"], abs=1e-6)
   assert result["per_class_ap"] == pytest.approx([logged[f"ap/{i}"] for i in range(3)], abs=1e-6)
   command = [sys.executable, "-m", "audiomaepp.tools.evaluate_finetuned", f"--workdir={workdir}"]
-  done = subprocess.run(command, cwd=main_runs.REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
+  done = _run(command, env)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"| {100 * logged['mAP']:.1f} |" in done.stdout
-  done = subprocess.run([*command[:-1], f"--workdir={root / 'pre'}"], cwd=main_runs.REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
+  done = _run([*command[:-1], f"--workdir={root / 'pre'}"], env)
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1].endswith("is not a fine-tuning workdir (its "
                                                        "config.json has no task='finetune')")
@@ -162,8 +161,7 @@ def test_two_hosts_with_sharded_parameters_match_one_host(setup, tmp_path):
       c.replace(f"num_train_steps={STEPS}", f"num_train_steps={EVERY}")
       for c in _command(workdir, task_dir, root / "pre")]
   one = tmp_path / "one"
-  done = subprocess.run(command(one), cwd=main_runs.REPO, capture_output=True, text=True,
-                        env=main_runs.fast_env(tmp_path / "cache1", devices=2), timeout=400)
+  done = _run(command(one), main_runs.fast_env(tmp_path / "cache1", devices=2), timeout=400)
   assert done.returncode == 0, done.stderr[-3000:]
   two, port = tmp_path / "two", main_runs.free_port()
   env = main_runs.fast_env(tmp_path / "cache2", devices=1)
