@@ -118,7 +118,10 @@ def class_names(data_config: ml_collections.ConfigDict) -> list[str]:
 
 def record_source(data_config: ml_collections.ConfigDict, split: str) -> Any:
   """Random access to the serialized records of `split` (`decode_record` reads one)."""
-  builder = _builder(data_config)
+  return _record_source(_builder(data_config), split)
+
+
+def _record_source(builder: tfds.core.DatasetBuilder, split: str) -> Any:
   _check_split(builder, split)
   source = builder.as_data_source(split=split,
                                   deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
@@ -242,8 +245,9 @@ def examples(data_config: ml_collections.ConfigDict, *, split: str, seed: int,
   (seed, position); otherwise the records in order and centre crops. Position j depends only on
   the dataset, `seed` and j.
   """
-  source = record_source(data_config, split)
-  classes = num_classes(data_config)
+  builder = _builder(data_config)
+  source = _record_source(builder, split)
+  classes = builder.info.features["labels"].feature.num_classes
   dataset = grain.MapDataset.source(source).seed(seed)
   if train:
     dataset = dataset.shuffle()
