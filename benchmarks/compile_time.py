@@ -4,7 +4,7 @@ r"""Compile time of the trainer's step: scanned vs unrolled blocks, full depth v
         [--output=FILE]
 
 For each layout (`model.scan_layers` True / False) and depth (the config's, and 2 encoder + 1
-decoder blocks of the same widths), lowers and compiles `train.loop.compile_train_step` on
+decoder blocks of the same widths), lowers and compiles `train.runner.compile_train_step` on
 abstract inputs (nothing is initialised or run), `--repeats` times in interleaved order. Each
 compile is timed in wall seconds and in this process's CPU seconds (`time.process_time`: XLA
 compiles on few threads, and CPU time is far less disturbed by other jobs on a shared machine);
@@ -22,7 +22,8 @@ from ml_collections import config_flags
 import common
 from audiomaepp import models
 from audiomaepp import parallel
-from audiomaepp.train import loop
+from audiomaepp.train import pretrain
+from audiomaepp.train import runner
 from audiomaepp.train import optim
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -42,15 +43,17 @@ def compile_seconds(config, layers: bool, shallow: bool) -> tuple[float, float]:
     config.model.size, config.model.width, config.model.num_heads = (
         None, resolved.width, resolved.num_heads)
     config.model.depth, config.model.decoder_depth = 2, 1
-  model = models.build_model(config.model)
+  task = pretrain.PretrainTask(config)
   schedule = optim.learning_rate_schedule(config, STEPS_FOR_SCHEDULE, STEPS_FOR_SCHEDULE)
   tx = optim.create_optimizer(config, schedule)
   mesh = parallel.create_mesh(config.mesh)
-  abstract_state, shardings = loop.state_shardings(model, tx, mesh, config)
-  train_fn = loop.compile_train_step(model, tx, schedule, config.grad_accum_steps, shardings, mesh,
-                                     parallel.axis_rules(config))
-  batch = {"spectrogram": jax.ShapeDtypeStruct(
-      (_BATCH_SIZE.value * jax.device_count(), *model.config.input_shape), jnp.float32)}
+  rules = parallel.axis_rules(config)
+  abstract_state, shardings = runner.state_shardings(task, tx, mesh, rules)
+  global_batch = _BATCH_SIZE.value * jax.device_count()
+  train_fn = runner.compile_train_step(
+      task, tx, schedule, runner.Placement.create(mesh, rules, shardings, global_batch))
+  batch = {"spectrogram": jax.ShapeDtypeStruct((global_batch, *task.model.config.input_shape),
+                                               jnp.float32)}
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
   start, start_cpu = time.perf_counter(), time.process_time()
   train_fn.lower(abstract_state, batch, rng).compile()

@@ -5,7 +5,7 @@ r"""Throughput, FLOPs, MFU and memory of the real pretraining step on synthetic 
         [--steps=20] [--windows=3] [--warmup=3] [--peak_tflops=T] [--measure_peak] \
         [--breakdown_batch=N] [--max_batch] [--memory_gb=78] [--output=FILE]
 
-The step is the trainer's own: `train.loop.state_shardings`, `init_train_state` and
+The step is the trainer's own: `train.runner.state_shardings`, `initial_state` and
 `compile_train_step` (explicit shardings, donated state) around `train.step.train_step`. Batches
 of random log-mel crops are created on the device before timing; the clock stops only at the end
 of each window of `--steps` steps (block_until_ready), as in the trainer, where the host never
@@ -47,7 +47,8 @@ import common
 from audiomaepp import metrics
 from audiomaepp import models
 from audiomaepp import parallel
-from audiomaepp.train import loop
+from audiomaepp.train import pretrain
+from audiomaepp.train import runner
 from audiomaepp.train import optim
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -83,7 +84,7 @@ GIB = 2 ** 30
 class Bench:
   """The trainer's pieces for one config; `state` is replaced after every (donating) step."""
   config: ml_collections.ConfigDict
-  model: Any
+  task: pretrain.PretrainTask
   tx: Any
   schedule: Any
   mesh: Any
@@ -92,27 +93,31 @@ class Bench:
   rng: jax.Array
 
   @property
+  def model(self) -> Any:
+    return self.task.model
+
+  @property
   def model_config(self) -> models.ModelConfig:
     return self.model.config
 
   def fresh_state_if_lost(self) -> None:
     """Re-creates the state when a failed (out-of-memory) step consumed its donated buffers."""
     if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
-      self.state = loop.init_train_state(self.model, self.tx, self.shardings,
-                                         jax.random.PRNGKey(0))
+      self.state = runner.initial_state(self.task, self.tx, self.shardings,
+                                        jax.random.PRNGKey(0))
 
 
 def create_bench(config: ml_collections.ConfigDict) -> Bench:
-  """Model, optimiser, mesh, sharded state and rng exactly as `train.loop.run` builds them."""
-  model = models.build_model(models.resolve_model_config(config.model))
+  """Model, optimiser, mesh, sharded state and rng exactly as `train.runner.run` builds them."""
+  task = pretrain.PretrainTask(config)
   total_steps = optim.total_train_steps(config, AUDIOSET_TRAIN_CLIPS)
   schedule = optim.learning_rate_schedule(config, AUDIOSET_TRAIN_CLIPS, total_steps)
   tx = optim.create_optimizer(config, schedule)
   mesh = parallel.create_mesh(config.mesh)
-  _, shardings = loop.state_shardings(model, tx, mesh, config)
-  state = loop.init_train_state(model, tx, shardings, jax.random.PRNGKey(0))
+  _, shardings = runner.state_shardings(task, tx, mesh, parallel.axis_rules(config))
+  state = runner.initial_state(task, tx, shardings, jax.random.PRNGKey(0))
   rng = jax.device_put(jax.random.PRNGKey(1), parallel.replicated(mesh))
-  return Bench(config, model, tx, schedule, mesh, shardings, state, rng)
+  return Bench(config, task, tx, schedule, mesh, shardings, state, rng)
 
 
 def device_batches(bench: Bench, global_batch: int, count: int = 2) -> list[dict[str, jax.Array]]:
@@ -126,9 +131,9 @@ def device_batches(bench: Bench, global_batch: int, count: int = 2) -> list[dict
 
 def compile_step(bench: Bench, global_batch: int) -> tuple[Any, float]:
   """(compiled train step for `global_batch`, seconds to lower and compile it)."""
-  train_fn = loop.compile_train_step(bench.model, bench.tx, bench.schedule,
-                                     bench.config.grad_accum_steps, bench.shardings, bench.mesh,
-                                     parallel.axis_rules(bench.config))
+  placement = runner.Placement.create(bench.mesh, parallel.axis_rules(bench.config),
+                                     bench.shardings, global_batch)
+  train_fn = runner.compile_train_step(bench.task, bench.tx, bench.schedule, placement)
   batch = {"spectrogram": jax.ShapeDtypeStruct((global_batch, *bench.model_config.input_shape),
                                                jnp.float32)}
   start = time.perf_counter()

@@ -5,7 +5,7 @@ r"""The project vs the original PyTorch AudioMAE++ on this machine, side by side
         [--output=FILE]
 
 Rows (float32, batch 32 by default): the Tiny train step (mask ratio 0.8, AdamW: the original's
-forward, `mae_loss`, backward and `AdamW.step`; the project's `train.loop.compile_train_step`
+forward, `mae_loss`, backward and `AdamW.step`; the project's `train.runner.compile_train_step`
 with donated state), the Tiny encoder forward on all 250 tokens (`forward_features` under
 `no_grad`; `MaskedAutoencoder.encode` jitted) and the Base encoder forward. Both run with every
 core (`torch.set_num_threads(os.cpu_count())`; XLA:CPU's own pool), or with `--threads=1` both
@@ -27,9 +27,9 @@ import jax
 
 import common
 from audiomaepp import experiment
-from audiomaepp import models
 from audiomaepp import parallel
-from audiomaepp.train import loop
+from audiomaepp.train import pretrain
+from audiomaepp.train import runner
 from audiomaepp.train import optim
 
 ROWS = ("tiny_train", "tiny_encode", "base_encode")
@@ -94,15 +94,16 @@ def project_calls(size: str, batch: int) -> dict:
   """The project's jitted train step (as the trainer builds it) and encode, compiled."""
   config = experiment.load_config(os.path.join(REPO, "configs", f"{size}.py"))
   config.batch_size = batch
-  model = models.build_model(config.model)
+  task = pretrain.PretrainTask(config)
+  model = task.model
   schedule = optim.learning_rate_schedule(config, STEPS_FOR_SCHEDULE, STEPS_FOR_SCHEDULE)
   tx = optim.create_optimizer(config, schedule)
   mesh = parallel.create_mesh(config.mesh)
-  _, shardings = loop.state_shardings(model, tx, mesh, config)
-  holder = {"state": loop.init_train_state(model, tx, shardings, jax.random.PRNGKey(0))}
   rules = parallel.axis_rules(config)
-  step = loop.compile_train_step(model, tx, schedule, config.grad_accum_steps, shardings, mesh,
-                                 rules)
+  _, shardings = runner.state_shardings(task, tx, mesh, rules)
+  holder = {"state": runner.initial_state(task, tx, shardings, jax.random.PRNGKey(0))}
+  step = runner.compile_train_step(task, tx, schedule,
+                                   runner.Placement.create(mesh, rules, shardings, batch))
   x = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (batch, *model.config.input_shape)),
                      parallel.batch_sharding(mesh, rules))
   rng = jax.random.PRNGKey(2)

@@ -171,15 +171,25 @@ def main_with_nan_batch(step: int) -> list[str]:
 
 
 def poison_training_batch(step: int) -> None:
-  """Wraps the training loop's input so that the batch of `step` is all NaN."""
-  from audiomaepp.train import loop  # pylint: disable=import-outside-toplevel
-  train_input = loop._train_input  # pylint: disable=protected-access
+  """Wraps pretraining's input so that the batch of `step` is all NaN."""
+  from audiomaepp.train import pretrain  # pylint: disable=import-outside-toplevel
+  train_batches = pretrain.PretrainTask.train_batches
 
-  def poisoned(config, start_step, block):
-    for current, batch in enumerate(train_input(config, start_step, block), start_step + 1):
-      yield {k: np.full_like(v, np.nan) for k, v in batch.items()} if current == step else batch
+  class Poisoned:
+    def __init__(self, iterator, start_step):
+      self._iterator, self._step = iterator, start_step
 
-  loop._train_input = poisoned  # pylint: disable=protected-access
+    def __next__(self):
+      batch, self._step = next(self._iterator), self._step + 1
+      if self._step == step:
+        batch = {**batch, "spectrogram": np.full_like(batch["spectrogram"], np.nan)}
+      return batch
+
+    def close(self):
+      self._iterator.close()
+
+  pretrain.PretrainTask.train_batches = (
+      lambda self, start_step, block: Poisoned(train_batches(self, start_step, block), start_step))
 
 
 def truncate_checkpoint_arrays(step_dir: pathlib.Path) -> list[pathlib.Path]:

@@ -1,6 +1,8 @@
-"""Tiny HEAR task folders of pure tones for the fine-tuning tests (NumPy, written in a second)."""
+"""What the fine-tuning tests share: tiny HEAR task folders of pure tones (NumPy, written in a
+second), a tiny pretrained workdir, and the fine-tuning config and command shrunk to seconds."""
 import json
 import pathlib
+import sys
 
 import numpy as np
 import soundfile as sf
@@ -88,3 +90,37 @@ def write_audioset_shards(root: pathlib.Path, classes: int = 3, per_class: int =
                            labels_csv=str(root / "class_labels_indices.csv"))
   builders.build(inputs, str(root / "tfds"), progress=False)
   return str(root / "tfds")
+
+
+# main.py flags of the model `write_pretrained` saves and `tiny_finetune_config` uses.
+MODEL_FLAGS = ("--config.model.width=32", "--config.model.depth=1", "--config.model.num_heads=2",
+               "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
+               "--config.model.decoder_num_heads=2")
+
+
+def write_pretrained(workdir: pathlib.Path) -> None:
+  """A pretraining workdir of the tiny model (random parameters, the demo config's record)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from audiomaepp import checkpointing  # pylint: disable=import-outside-toplevel
+  from audiomaepp import experiment  # pylint: disable=import-outside-toplevel
+  from audiomaepp import models  # pylint: disable=import-outside-toplevel
+  config = tiny_finetune_config("unused")
+  module = models.build_model(config.model)
+  params = models.unbox(module.init({"params": jax.random.PRNGKey(7),
+                                     "masking": jax.random.PRNGKey(0)},
+                                    jnp.zeros((1, 200, 80))))["params"]
+  checkpointing.save_params(workdir, params)
+  record = experiment.load_config(pathlib.Path(__file__).parents[1] / "configs" / "demo.py")
+  record.model = config.model
+  checkpointing.save_config(workdir, record)
+
+
+def finetune_command(workdir, task_dir, pretrained, steps: int, every: int) -> list[str]:
+  """`python main.py` fine-tuning the tiny model of `pretrained` on `task_dir` (batch 4, a log
+  line every step, evaluation and checkpoint every `every` steps)."""
+  return [sys.executable, "main.py", "--config=configs/finetune_demo.py", f"--workdir={workdir}",
+          *MODEL_FLAGS, "--config.batch_size=4", f"--config.num_train_steps={steps}",
+          "--config.log_every_steps=1", f"--config.eval_every_steps={every}",
+          f"--config.checkpoint_every_steps={every}", f"--config.data.task_dir={task_dir}",
+          f"--config.init_from={pretrained}"]

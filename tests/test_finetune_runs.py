@@ -8,14 +8,10 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from audiomaepp import checkpointing
-from audiomaepp import experiment
 from audiomaepp import metrics
-from audiomaepp import models
 from audiomaepp.train import finetune
 
 import finetune_tasks
@@ -24,33 +20,18 @@ import main_runs
 pytestmark = pytest.mark.integration
 
 STEPS, EVERY = 12, 4
-MODEL_FLAGS = ("--config.model.width=32", "--config.model.depth=1", "--config.model.num_heads=2",
-               "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
-               "--config.model.decoder_num_heads=2")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("finetune_runs")
   task_dir = finetune_tasks.write_tone_task(root, multilabel=True)
-  config = finetune_tasks.tiny_finetune_config(task_dir)
-  module = models.build_model(config.model)
-  params = models.unbox(module.init({"params": jax.random.PRNGKey(7),
-                                     "masking": jax.random.PRNGKey(0)},
-                                    jnp.zeros((1, 200, 80))))["params"]
-  checkpointing.save_params(root / "pre", params)
-  pretrain = experiment.load_config(pathlib.Path(main_runs.REPO) / "configs" / "demo.py")
-  pretrain.model = config.model
-  checkpointing.save_config(root / "pre", pretrain)
+  finetune_tasks.write_pretrained(root / "pre")
   return root, task_dir
 
 
 def _command(workdir, task_dir, pretrained):
-  return [sys.executable, "main.py", "--config=configs/finetune_demo.py", f"--workdir={workdir}",
-          *MODEL_FLAGS, "--config.batch_size=4", f"--config.num_train_steps={STEPS}",
-          "--config.log_every_steps=1", f"--config.eval_every_steps={EVERY}",
-          f"--config.checkpoint_every_steps={EVERY}", f"--config.data.task_dir={task_dir}",
-          f"--config.init_from={pretrained}"]
+  return finetune_tasks.finetune_command(workdir, task_dir, pretrained, STEPS, EVERY)
 
 
 def _losses(workdir):

@@ -73,11 +73,11 @@ def test_single_process_needs_no_distributed_init(monkeypatch):
   assert parallel.cluster_detected()
 
 
-def _host_initial_state(model, tx, config):
+def _host_initial_state(task, tx, config):
   """A NumPy train state (scaled normal weights, AdamW zeros): no init program to compile."""
-  from audiomaepp.train import loop  # pylint: disable=g-import-not-at-top
+  from audiomaepp.train import runner  # pylint: disable=g-import-not-at-top
   mesh = parallel.create_mesh(config.mesh, jax.devices()[:1])
-  abstract, _ = loop.state_shardings(model, tx, mesh, config)
+  abstract, _ = runner.state_shardings(task, tx, mesh, parallel.axis_rules(config))
   rng = np.random.default_rng(0)
 
   def param(path, x):
@@ -96,9 +96,8 @@ def _host_initial_state(model, tx, config):
 
 def _parity_losses():
   """Runs in a subprocess with 8 simulated devices: losses of 3 steps on three meshes."""
-  from audiomaepp import models  # pylint: disable=g-import-not-at-top
   from audiomaepp.data import pipeline  # pylint: disable=g-import-not-at-top
-  from audiomaepp.train import loop, optim  # pylint: disable=g-import-not-at-top
+  from audiomaepp.train import optim, pretrain, runner  # pylint: disable=g-import-not-at-top
   from audiomaepp import experiment  # pylint: disable=g-import-not-at-top
 
   assert jax.device_count() == 8, jax.devices()
@@ -106,11 +105,11 @@ def _parity_losses():
   config.model.update(width=64, depth=1, num_heads=4, decoder_width=32, decoder_depth=1,
                       decoder_num_heads=4)
   config.update(batch_size=16, num_train_steps=3, warmup_epochs=0, base_lr=1e-2)
-  model = models.build_model(config.model)
+  task = pretrain.PretrainTask(config)
   schedule = optim.learning_rate_schedule(config, 160, 3)
   tx = optim.create_optimizer(config, schedule)
   batches = np.random.default_rng(0).normal(size=(3, 16, 200, 80)).astype(np.float32)
-  initial = _host_initial_state(model, tx, config)
+  initial = _host_initial_state(task, tx, config)
   results = {}
   for name, (data, fsdp, shard), devices in (("single", (1, 1, False), jax.devices()[:1]),
                                             ("data", (8, 1, False), None),
@@ -118,9 +117,10 @@ def _parity_losses():
     config.mesh.update(data=data, fsdp=fsdp)
     config.shard_params = shard
     mesh = parallel.create_mesh(config.mesh, devices)
-    _, shardings = loop.state_shardings(model, tx, mesh, config)
+    _, shardings = runner.state_shardings(task, tx, mesh, parallel.axis_rules(config))
     state = jax.device_put(initial, shardings)
-    train_fn = loop.compile_train_step(model, tx, schedule, 1, shardings, mesh)
+    train_fn = runner.compile_train_step(task, tx, schedule, runner.Placement.create(
+        mesh, parallel.DEFAULT_RULES, shardings, 16))
     rng = jax.device_put(jax.random.PRNGKey(1), parallel.replicated(mesh))
     losses = []
     for batch in batches:

@@ -18,7 +18,7 @@ import pytest
 from audiomaepp import checkpointing
 from audiomaepp import metrics
 from audiomaepp.data import pipeline
-from audiomaepp.train import loop
+from audiomaepp.train import pretrain
 from conftest import experiment_config
 import faults
 import main_runs
@@ -157,7 +157,7 @@ def test_the_eval_input_is_built_once_at_the_first_eval(monkeypatch):
   monkeypatch.setattr(pipeline, "create_iterator", create_iterator)
   config = experiment_config("demo")
   config.eval_batches = 3
-  eval_input = loop._EvalInput(config, (1, 2))  # pylint: disable=protected-access
+  eval_input = pretrain.EvalInput(config, (1, 2))
   assert not made  # nothing is read before the first eval
   assert [list(eval_input.batches()) for _ in range(2)] == [[0, 1, 2], [3, 4, 5]]
   assert len(made) == 1 and made[0]["num_batches"] == 3  # which repeats the first 3 batches

@@ -16,7 +16,10 @@ from audiomaepp import models
 from audiomaepp import train
 from audiomaepp.data import builders
 from audiomaepp.data import sources
-from audiomaepp.train import loop
+from audiomaepp.errors import UserError
+from audiomaepp.train import pretrain
+from audiomaepp.train import runner
+from audiomaepp.train import workdir as workdir_lib
 from conftest import experiment_config
 import faults
 
@@ -130,7 +133,7 @@ def test_restart_accepts_other_fields(config, tmp_path):
   workdir = _workdir_with_checkpoint(tmp_path / "w", config)
   config.num_train_steps, config.model.remat = 99, "full"
   config.model.size, config.model.width = "tiny", 64  # same resolved numbers: the same model
-  check = lambda: loop._check_same_model(str(workdir), models.resolve_model_config(config.model))
+  check = lambda: workdir_lib.check_same_model(str(workdir), models.resolve_model_config(config.model))
   assert check() is None  # accepted
   config.model.mask_ratio = 0.5  # a field of the model itself: refused
   with pytest.raises(train.ConfigError, match=r"mask_ratio=0.5 \(recorded 0.8\)"):
@@ -142,7 +145,7 @@ def test_config_is_recorded_only_once_the_run_is_accepted(config, tmp_path):
   workdir = _workdir_with_checkpoint(tmp_path / "w", config)
   recorded = (workdir / checkpointing.CONFIG_FILE).read_bytes()
   config.num_train_steps = 99
-  with pytest.raises(train.TrainingError, match="no checkpoint under .* can be restored"):
+  with pytest.raises(UserError, match="no checkpoint under .* can be restored"):
     train.run(config, str(workdir))
   assert (workdir / checkpointing.CONFIG_FILE).read_bytes() == recorded
 
@@ -177,12 +180,12 @@ def test_cleanup_never_replaces_the_error_that_ended_the_run(caplog):
     return close
 
   closers = [failing("writer"), lambda: calls.append("checkpointer"), failing("plot")]
-  loop._close_all(closers, ending_error=RuntimeError("the checkpoint error"))  # raises nothing
+  runner.close_all(closers, ending_error=RuntimeError("the checkpoint error"))  # raises nothing
   assert calls == ["writer", "checkpointer", "plot"]
   assert len([r for r in caplog.records if "failed too" in r.getMessage()]) == 2
   calls.clear()
   with pytest.raises(OSError):  # without an error in flight, a failed close is the error
-    loop._close_all(closers, ending_error=None)
+    runner.close_all(closers, ending_error=None)
   assert calls == ["writer", "checkpointer", "plot"]
 
 
@@ -190,8 +193,8 @@ def test_a_loss_curve_that_cannot_be_drawn_is_a_warning(monkeypatch, tmp_path, c
   def full_disk(*args):
     raise OSError(28, "No space left on device")
 
-  monkeypatch.setattr(loop.visualize, "plot_loss_curve_from_workdir", full_disk)
-  loop._plot_loss_curve(str(tmp_path))
+  monkeypatch.setattr(runner.visualize, "plot_loss_curve_from_workdir", full_disk)
+  runner.plot_loss_curve(str(tmp_path))
   assert "the loss curve could not be drawn" in caplog.text
 
 
@@ -201,7 +204,7 @@ def test_a_bug_while_preparing_the_data_keeps_its_traceback(config, tmp_path, mo
   def broken(data_config):
     raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
 
-  monkeypatch.setattr(loop.pipeline, "ensure_dataset", broken)
+  monkeypatch.setattr(pretrain.pipeline, "ensure_dataset", broken)
   with pytest.raises(ValueError, match="operands could not be broadcast") as error:
     train.run(config, str(tmp_path / "w"))
   assert not isinstance(error.value, train.ConfigError)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from audiomaepp.errors import UserError
 from audiomaepp.models import blocks
 from audiomaepp.models import layers
 from audiomaepp.models import layout
@@ -124,13 +125,13 @@ class Classifier(nn.Module):
 
 def build_classifier(model_config: ModelConfig, num_classes: int, pool: str = "mean",
                      drop_path: float = 0.0) -> Classifier:
-  """The classifier module; ValueError (one line, naming the field) for bad arguments."""
+  """The classifier module; UserError (one line, naming the field) for bad arguments."""
   if pool not in POOLS:
-    raise ValueError(f"config.finetune.pool={pool!r}: expected one of {list(POOLS)}")
+    raise UserError(f"config.finetune.pool={pool!r}: expected one of {list(POOLS)}")
   if not 0.0 <= drop_path < 1.0:
-    raise ValueError(f"config.finetune.drop_path={drop_path}: expected a rate in [0, 1)")
+    raise UserError(f"config.finetune.drop_path={drop_path}: expected a rate in [0, 1)")
   if num_classes < 1:
-    raise ValueError(f"num_classes={num_classes}: expected at least one class")
+    raise UserError(f"num_classes={num_classes}: expected at least one class")
   return Classifier(model_config, num_classes, pool, drop_path)
 
 
@@ -140,12 +141,12 @@ def encoder_from_pretrained(pretrained: Mapping[str, Any], target: Mapping[str, 
   layout of `target` (the classifier's parameters, arrays or shapes), checked against it.
 
   Raises:
-    ValueError: one line naming `source` and the first parameter that is missing or whose
+    UserError: one line naming `source` and the first parameter that is missing or whose
       shape differs.
   """
   missing = [k for k in ENCODER_KEYS if k not in pretrained]
   if missing:
-    raise ValueError(f"{source} holds no {missing[0]!r} parameters: not an AudioMAE++ / MAE "
+    raise UserError(f"{source} holds no {missing[0]!r} parameters: not an AudioMAE++ / MAE "
                      "checkpoint")
   scanned = layout.STACKED in target["encoder"]
   encoder = layout.to_layout({k: pretrained[k] for k in ENCODER_KEYS}, scanned)
@@ -153,14 +154,14 @@ def encoder_from_pretrained(pretrained: Mapping[str, Any], target: Mapping[str, 
   want = traverse_util.flatten_dict({k: target[k] for k in ENCODER_KEYS}, sep="/")
   for name, leaf in want.items():
     if name not in got:
-      raise ValueError(f"the encoder of {source} does not fit config.model: it has no "
+      raise UserError(f"the encoder of {source} does not fit config.model: it has no "
                        f"parameter {name}; use the pretrained run's model fields")
     if tuple(got[name].shape) != tuple(leaf.shape):
-      raise ValueError(f"the encoder of {source} does not fit config.model: {name} has shape "
+      raise UserError(f"the encoder of {source} does not fit config.model: {name} has shape "
                        f"{tuple(got[name].shape)} there, {tuple(leaf.shape)} in the config; use "
                        "the pretrained run's model fields")
   extra = sorted(set(got) - set(want))
   if extra:
-    raise ValueError(f"the encoder of {source} does not fit config.model: it has parameter "
+    raise UserError(f"the encoder of {source} does not fit config.model: it has parameter "
                      f"{extra[0]} the config's encoder lacks; use the pretrained run's model fields")
   return {k: encoder[k] for k in ENCODER_KEYS}

@@ -1,6 +1,9 @@
-"""Pretraining: optimiser (`optim`), pure steps (`step`) and the loop (`loop.run`)."""
-from audiomaepp.train.loop import (CheckpointError, ConfigError, NonFiniteLossError, RunResult,
-                                   TrainingError, run, validate_config)
+"""Training: the runner (`runner.run`) and its tasks, pretraining (`pretrain`) and fine-tuning
+(`finetune`); optimisers (`optim`), the train state (`state`) and the pure steps (`step`,
+`finetune_step`)."""
+from audiomaepp.train.pretrain import run, validate_config
+from audiomaepp.train.runner import (CheckpointError, ConfigError, NonFiniteLossError, RunResult,
+                                     TrainingError)
 
 __all__ = ["CheckpointError", "ConfigError", "NonFiniteLossError", "RunResult", "TrainingError",
            "run", "validate_config"]

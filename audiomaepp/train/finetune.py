@@ -1,17 +1,18 @@
-"""The fine-tuning loop: a pretrained encoder and a linear head trained on labelled clips.
+"""Fine-tuning as a task of the runner: a pretrained encoder and a linear head trained on labelled
+clips. `run(config, workdir)` is what `main.py` calls when `config.task == 'finetune'`.
 
-`run(config, workdir)` is what `main.py` calls when `config.task == 'finetune'`. It keeps the
-pretraining loop's guarantees (see `loop.py`): sharded state on the config's mesh, global batches
-independent of the host count, exact resume from the newest intact checkpoint (the batch of step s
-and every random draw derive from the seed and s), SIGTERM checkpoints and stops, one-line errors
-before anything is written. Every `eval_every_steps` the validation split is scored (mAP and
-per-class AP for multi-label tasks, top-1 for single-label ones) to the console, TensorBoard and
-metrics.jsonl, and the parameters with the best validation score so far are kept in
-`workdir/best/` beside the latest checkpoints; at the end the best parameters are scored on the
-test split.
+The runner gives it every guarantee of pretraining (see `runner.py`): sharded state on the
+config's mesh, global batches independent of the host count, exact resume from the newest intact
+checkpoint (the batch of step s and every random draw derive from the seed and s), SIGTERM
+checkpoints and stops, one-line errors before anything is written. The pretrained encoder
+(`config.init_from`) is restored once for every host. Every `eval_every_steps` the validation
+split is scored (mAP and per-class AP for multi-label tasks, top-1 for single-label ones) to the
+console, TensorBoard and metrics.jsonl, and the parameters with the best validation score so far
+are kept in `workdir/best/` beside the latest checkpoints; at the end the best parameters are
+scored on the test split.
 """
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import ml_collections
@@ -19,30 +20,27 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
 from audiomaepp import checkpointing
 from audiomaepp import metrics as metrics_lib
 from audiomaepp import models
 from audiomaepp import parallel
-from audiomaepp import profiling
 from audiomaepp.data import labelled
 from audiomaepp.data import pipeline
 from audiomaepp.evaluation import scores
 from audiomaepp.errors import UserError
 from audiomaepp.models import classifier as classifier_lib
 from audiomaepp.train import finetune_step as step_lib
-from audiomaepp.train import loop
-from audiomaepp.train import optim
-
-BEST_DIR = "best"
-ConfigError = loop.ConfigError
+from audiomaepp.train import runner
+from audiomaepp.train import workdir as workdir_lib
+from audiomaepp.train.checkpointer import BEST_DIR, BestCheckpoint
+from audiomaepp.train.runner import ConfigError, RunResult
 
 
 def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
   """Checks the fine-tuning fields (and the shared ones) before anything is read or compiled;
   `read_task` checks the data fields."""
-  model_config = loop.validate_common(config)
+  model_config = runner.validate_common(config)
   ft = config.finetune
   checks = {"layer_decay": 0 < ft.layer_decay <= 1, "mixup": ft.mixup >= 0,
             "label_smoothing": 0 <= ft.label_smoothing < 1, "timem": ft.timem >= 0,
@@ -52,7 +50,7 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
       raise ConfigError(f"config.finetune.{name}={ft[name]} is out of range")
   try:
     step_lib.build_model(config, model_config, 1)
-  except ValueError as e:
+  except UserError as e:
     raise ConfigError(str(e)) from None
   return model_config
 
@@ -98,25 +96,13 @@ def run_splits(config: ml_collections.ConfigDict, task: labelled.LabelledSet) ->
   return chosen
 
 
-def _check_resumable(workdir: str, model_config: models.ModelConfig, num_classes: int) -> None:
-  """A workdir with checkpoints resumes only with the same model and number of classes."""
-  loop._check_same_model(workdir, model_config)  # pylint: disable=protected-access
-  if checkpointing.latest_complete_step(workdir) is None:
-    return
-  recorded = checkpointing.load_config(workdir)
-  recorded_classes = recorded.get("num_classes_resolved")
-  if recorded_classes is not None and recorded_classes != num_classes:
-    raise ConfigError(f"the head restored from {workdir} has {recorded_classes} classes, the task "
-                      f"has {num_classes}; use a new workdir for another task")
-
-
 def pretrained_encoder(config: ml_collections.ConfigDict, target: Any) -> dict:
   """The encoder parameters of `config.init_from` (decoder dropped), checked against `target`."""
   source = config.init_from
   try:
     recorded = checkpointing.load_config(source)
     pretrained_model = models.resolve_model_config(recorded.model)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, UserError) as e:
     raise ConfigError(f"config.init_from={source}: {e}") from None
   try:
     params = checkpointing.restore_params(source, models.abstract_params(pretrained_model),
@@ -125,64 +111,8 @@ def pretrained_encoder(config: ml_collections.ConfigDict, target: Any) -> dict:
     raise ConfigError(f"config.init_from={source}: {e}") from None
   try:
     return classifier_lib.encoder_from_pretrained(params, target, f"config.init_from={source}")
-  except ValueError as e:
+  except UserError as e:
     raise ConfigError(str(e)) from None
-
-
-def state_shardings(model: Any, tx: Any, mesh: jax.sharding.Mesh,
-                    config: ml_collections.ConfigDict, ema: bool) -> tuple[Any, Any]:
-  """(abstract FinetuneState, its NamedShardings) under the config's logical axis rules."""
-  create = functools.partial(step_lib.create_state, model, tx, ema=ema)
-  abstract_state = jax.eval_shape(create, jax.random.PRNGKey(0))
-  shape = (1, *model.config.input_shape)
-  boxed = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
-                                            jax.numpy.zeros(shape)))["params"]
-  params = parallel.param_shardings(boxed, mesh, parallel.axis_rules(config))
-  replicated = parallel.replicated(mesh)
-  opt_state = optax.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract_state.opt_state, params,
-      transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-  shardings = step_lib.FinetuneState(step=replicated, params=params, opt_state=opt_state,
-                                     ema_params=params if ema else {})
-  return abstract_state, shardings
-
-
-class BestCheckpoint:
-  """The parameters with the best validation score, in `workdir/best/` (one step kept)."""
-
-  def __init__(self, workdir: str):
-    self.manager = ocp.CheckpointManager(
-        checkpointing.workdir_path(workdir) / BEST_DIR,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m["score"], best_mode="max",
-            enable_async_checkpointing=False, create=True))
-
-  def score(self) -> Optional[float]:
-    """The best validation score so far (None before the first save)."""
-    step = self.manager.best_step()
-    return None if step is None else float(self.manager.metrics(step)["score"])
-
-  def offer(self, step: int, params: Any, score: float) -> bool:
-    """Saves `params` if `score` beats the best so far; returns whether it did."""
-    best = self.score()
-    if best is not None and score <= best:
-      return False
-    self.manager.save(step, args=ocp.args.Composite(
-        **{checkpointing.PARAMS_ITEM: ocp.args.StandardSave(params)}),
-                      metrics={"score": float(score)}, force=True)
-    self.manager.wait_until_finished()
-    return True
-
-  def restore(self, abstract_params: Any) -> tuple[int, Any]:
-    """(step, parameters) of the best checkpoint, shaped and sharded like `abstract_params`."""
-    step = self.manager.best_step()
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        **{checkpointing.PARAMS_ITEM: ocp.args.StandardRestore(abstract_params)}))
-    return step, restored[checkpointing.PARAMS_ITEM]
-
-  def close(self) -> None:
-    self.manager.close()
 
 
 def score_predictions(logits: np.ndarray, targets: np.ndarray, multilabel: bool
@@ -208,179 +138,136 @@ def predict(predict_fn: Any, params: Any, split: labelled.LabelledSplit, batch_s
   return np.concatenate(outputs)[:len(split)]
 
 
-def _evaluate(name: str, predict_fn: Any, params: Any, split: labelled.LabelledSplit,
-              config: ml_collections.ConfigDict, sharding: Any, block: tuple[int, int],
-              multilabel: bool, step: int, writer: metrics_lib.MetricsWriter) -> dict[str, Any]:
-  """Scores `split` with `params` and writes the scalars (split `name`) at `step`."""
-  logits = predict(predict_fn, params, split, config.batch_size, config.data.crop_frames,
-                   sharding, block)
-  result = score_predictions(logits, split.targets, multilabel)
-  scalars = {k: v for k, v in result.items() if k not in ("per_class_ap", "score")}
-  if multilabel:
-    scalars.update({f"ap/{i}": ap for i, ap in enumerate(result["per_class_ap"])})
-  writer.write_scalars(step, scalars, split=name)
-  return result
+class FinetuneTask(runner.Task):
+  """The classifier of `config.model` (the pretrained encoder of `config.init_from` when set) on
+  the labelled clips of `config.data`."""
+
+  batch_keys = ("spectrogram", "targets")
+  keeps_best = True
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    self.ema = config.finetune.ema_decay > 0
+    self.model_config: Optional[models.ModelConfig] = None
+    self.model: Optional[classifier_lib.Classifier] = None
+    self.data: Optional[labelled.LabelledSet] = None
+    self.splits: dict[str, str] = {}
+    self._train_split = self._eval_split = None
+    self._predict_fn = None
+    self._placement: Optional[runner.Placement] = None
+    self._writer: Optional[metrics_lib.MetricsWriter] = None
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.data.vocabulary)
+
+  def validate(self) -> models.ModelConfig:
+    self.model_config = validate_config(self.config)
+    return self.model_config
+
+  def open_data(self, workdir: str) -> int:
+    self.data = read_task(self.config)
+    self._check_resumable(workdir)
+    self.splits = run_splits(self.config, self.data)
+    try:
+      self._train_split = self.data.load(self.splits["train"])
+      self._eval_split = self.data.load(self.splits["eval"])
+    except UserError as e:
+      raise ConfigError(str(e)) from None
+    self.model = step_lib.build_model(self.config, self.model_config, self.num_classes)
+    logging.info("fine-tuning on %s (%d classes, %s): %d train clips, validating on %s",
+                 self.data.name, self.num_classes,
+                 "multi-label" if self.data.multilabel else "single-label",
+                 len(self._train_split), self.splits["eval"])
+    return len(self._train_split)
+
+  def _check_resumable(self, workdir: str) -> None:
+    """A workdir with checkpoints resumes only with the same number of classes."""
+    if not workdir_lib.has_checkpoints(workdir):
+      return
+    recorded = checkpointing.load_config(workdir).get("num_classes_resolved")
+    if recorded is not None and recorded != self.num_classes:
+      raise ConfigError(f"the head restored from {workdir} has {recorded} classes, the task "
+                        f"has {self.num_classes}; use a new workdir for another task")
+
+  def optimizer(self, schedule: optax.Schedule) -> optax.GradientTransformation:
+    abstract_params = jax.eval_shape(lambda: models.unbox(self.init_params(
+        jax.random.PRNGKey(0))))
+    return step_lib.create_optimizer(self.config, schedule, abstract_params,
+                                     self.model_config.depth)
+
+  def init_params(self, rng: jax.Array) -> Any:
+    return step_lib.init_params(self.model, rng)
+
+  def pretrained_params(self, abstract_params: Any) -> Optional[dict[str, Any]]:
+    return pretrained_encoder(self.config, abstract_params) if self.config.init_from else None
+
+  def record(self) -> ml_collections.ConfigDict:
+    record = self.config.copy_and_resolve_references()
+    with record.unlocked():
+      record.num_classes_resolved = self.num_classes
+    return record
+
+  def train_step(self, tx: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
+    ft = self.config.finetune
+    return functools.partial(step_lib.train_step, model=self.model, tx=tx, schedule=schedule,
+                             finetune=ft, multilabel=self.data.multilabel,
+                             ema_decay=ft.ema_decay,
+                             grad_accum_steps=self.config.grad_accum_steps)
+
+  def start(self, placement: runner.Placement, writer: metrics_lib.MetricsWriter,
+            workdir: str) -> None:
+    del workdir
+    self._placement, self._writer = placement, writer
+    self._predict_fn = placement.jit(
+        functools.partial(step_lib.predict_step, model=self.model),
+        in_shardings=(placement.state.params, {"spectrogram": placement.batch}),
+        out_shardings=placement.replicated)
+
+  def train_batches(self, start_step: int, block: tuple[int, int]) -> Iterator[dict]:
+    return labelled.train_iterator(
+        self._train_split, self.config.data, batch_size=self.config.batch_size,
+        seed=self.config.seed, first_batch=start_step, block=block,
+        weighted=self.config.finetune.weighted_sampling, num_classes=self.num_classes)
+
+  def evaluate(self, state: runner.TrainState, step: int) -> dict[str, Any]:
+    """Scores the validation split with the evaluated parameters."""
+    return self._score("eval", state.eval_params(), self._eval_split, step)
+
+  def finish(self, state: runner.TrainState, result: RunResult,
+             best: Optional[BestCheckpoint]) -> None:
+    """Scores the best checkpoint on the test split, when the run has one."""
+    del state
+    if not self.splits["test"] or best is None or best.score() is None:
+      return
+    abstract = jax.eval_shape(lambda: models.unbox(self.init_params(jax.random.PRNGKey(0))))
+    best_step, params = best.restore(runner.with_shardings(abstract,
+                                                           self._placement.state.params))
+    try:
+      test_split = self.data.load(self.splits["test"])
+    except UserError as e:
+      raise ConfigError(str(e)) from None
+    out = self._score("test", params, test_split, result.step)
+    logging.info("test %s of the best checkpoint (step %d): %.4f",
+                 "mAP" if self.data.multilabel else "top-1", best_step, out["score"])
+
+  def _score(self, name: str, params: Any, split: labelled.LabelledSplit, step: int
+             ) -> dict[str, Any]:
+    """Scores `split` with `params` and writes the scalars (split `name`) at `step`."""
+    logits = predict(self._predict_fn, params, split, self.config.batch_size,
+                     self.config.data.crop_frames, self._placement.batch, self._placement.block)
+    result = score_predictions(logits, split.targets, self.data.multilabel)
+    scalars = {k: v for k, v in result.items() if k not in ("per_class_ap", "score")}
+    if self.data.multilabel:
+      scalars.update({f"ap/{i}": ap for i, ap in enumerate(result["per_class_ap"])})
+    self._writer.write_scalars(step, scalars, split=name)
+    return result
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        on_step: Optional[Callable[[int], None]] = None) -> loop.RunResult:
-  """Fine-tunes (or resumes) `config` in `workdir`; see the module docstring."""
-  model_config = validate_config(config)
-  loop._check_workdir(workdir)  # pylint: disable=protected-access
-  task = read_task(config)
-  num_classes = len(task.vocabulary)
-  multilabel = task.multilabel
-  _check_resumable(workdir, model_config, num_classes)
-  is_main = jax.process_index() == 0
-  if is_main:
-    loop._check_writable(workdir)  # pylint: disable=protected-access
-  splits = run_splits(config, task)
-  train_split = task.load(splits["train"])
-  eval_split = task.load(splits["eval"])
-
-  mesh = parallel.create_mesh(config.mesh)
-  model = step_lib.build_model(config, model_config, num_classes)
-  total_steps = optim.total_train_steps(config, len(train_split))
-  schedule = optim.learning_rate_schedule(config, len(train_split), total_steps)
-  abstract_params = jax.eval_shape(
-      lambda: models.unbox(model.init({"params": jax.random.PRNGKey(0)},
-                                      jax.numpy.zeros((1, *model_config.input_shape))))["params"])
-  tx = step_lib.create_optimizer(config, schedule, abstract_params, model_config.depth)
-  ema = config.finetune.ema_decay > 0
-  abstract_state, shardings = state_shardings(model, tx, mesh, config, ema)
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  encoder = pretrained_encoder(config, abstract_params) if config.init_from else None
-  logging.info("fine-tuning %s params on %s (%d classes, %s), %d train clips, %d steps",
-               f"{optim.count_params(abstract_params):,}", task.name, num_classes,
-               "multi-label" if multilabel else "single-label", len(train_split), total_steps)
-
-  checkpointer = loop._Checkpointer(workdir, config.keep_checkpoints)  # pylint: disable=protected-access
-  best = BestCheckpoint(workdir)
-  with_shardings = lambda abstract, sh: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, sh)
-  abstract_p, abstract_rest = abstract_state.checkpoint_items()
-  params_sh, rest_sh = shardings.checkpoint_items()
-  try:
-    restored = checkpointing.restore_with_fallback(
-        checkpointer.manager, with_shardings(abstract_p, params_sh),
-        with_shardings(abstract_rest, rest_sh))
-  except RuntimeError as e:
-    raise loop.TrainingError(str(e)) from None
-  if is_main:
-    config_record = config.copy_and_resolve_references()
-    with config_record.unlocked():
-      config_record.num_classes_resolved = num_classes
-    loop._record_config(workdir, config_record)  # pylint: disable=protected-access
-  if restored is None:
-    state = _initial_state(model, tx, shardings, init_rng, ema, encoder)
-    start_step = 0
-  else:
-    state = step_lib.FinetuneState.from_checkpoint_items(restored.params, restored.train_state)
-    start_step = restored.step
-    logging.info("resumed from checkpoint step %d", start_step)
-
-  rules = parallel.axis_rules(config)
-  batch_sharding = parallel.batch_sharding(mesh, rules)
-  replicated = parallel.replicated(mesh)
-  train_fn = jax.jit(
-      parallel.with_axis_rules(functools.partial(
-          step_lib.train_step, model=model, tx=tx, schedule=schedule, finetune=config.finetune,
-          multilabel=multilabel, ema_decay=config.finetune.ema_decay,
-          grad_accum_steps=config.grad_accum_steps), mesh, rules),
-      in_shardings=(shardings, {"spectrogram": batch_sharding, "targets": batch_sharding},
-                    replicated),
-      out_shardings=(shardings, replicated), donate_argnums=0)
-  predict_fn = jax.jit(
-      parallel.with_axis_rules(functools.partial(step_lib.predict_step, model=model), mesh,
-                               rules),
-      in_shardings=(shardings.params, {"spectrogram": batch_sharding}), out_shardings=replicated)
-  block = pipeline.host_block(batch_sharding, config.batch_size)
-  rng = jax.device_put(train_rng, replicated)
-  writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main)
-  watcher = loop._PreemptionWatcher(checkpointer.manager)  # pylint: disable=protected-access
-  evaluate = functools.partial(_evaluate, predict_fn=predict_fn, config=config,
-                               sharding=batch_sharding, block=block, multilabel=multilabel,
-                               writer=writer)
-  profiler = profiling.StepProfiler(config.profile_steps, workdir)
-  result = loop.RunResult(step=start_step, checkpoint_step=checkpointer.latest_step())
-  pending, window = [], []
-  try:
-    for step in range(start_step + 1, total_steps + 1):
-      if on_step is not None:
-        on_step(step)
-      host_rows = labelled.train_batch(train_split, config.data.crop_frames, config.batch_size,
-                                       config.seed, step - 1, block,
-                                       config.finetune.weighted_sampling)
-      batch = pipeline.make_global_batch(host_rows, batch_sharding)
-      profiler.before(step)
-      state, step_metrics = train_fn(state, batch, rng)
-      profiler.after(step, step_metrics)
-      pending.append(step_metrics)
-      result.step = step
-      log_now = loop._due(step, config.log_every_steps, total_steps)  # pylint: disable=protected-access
-      save_now = loop._due(step, config.checkpoint_every_steps, total_steps)  # pylint: disable=protected-access
-      stop_now = watcher.requested(step)
-      if log_now or save_now or stop_now:
-        fetched = [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
-        loop._check_finite(fetched, step - len(fetched) + 1, checkpointer.latest_step())  # pylint: disable=protected-access
-        window.extend(fetched)
-        pending = []
-        result.final_loss = fetched[-1]["loss"]
-      if log_now:
-        writer.write_scalars(step, loop._summarise(window))  # pylint: disable=protected-access
-        window = []
-      if not stop_now and loop._due(step, config.eval_every_steps, total_steps):  # pylint: disable=protected-access
-        out = evaluate("eval", params=state.eval_params(), split=eval_split, step=step)
-        if best.offer(step, state.eval_params(), out["score"]):
-          logging.info("best %s so far: %.4f at step %d", splits["eval"], out["score"],
-                       step)
-      if save_now or stop_now:
-        checkpointer.save(step, state)
-      if stop_now:
-        result.preempted = True
-        break
-    error = checkpointer.wait()
-    result.checkpoint_step = checkpointer.latest_step()
-    if error and result.checkpoint_step != result.step:
-      raise loop.CheckpointError(error)
-    if not result.preempted and splits["test"] and best.score() is not None:
-      best_step, params = best.restore(with_shardings(abstract_p, params_sh))
-      test_split = task.load(splits["test"])
-      out = evaluate("test", params=params, split=test_split, step=total_steps)
-      logging.info("test %s of the best checkpoint (step %d): %.4f",
-                   "mAP" if multilabel else "top-1", best_step, out["score"])
-  finally:
-    profiler.close()
-    watcher.close()
-    checkpointer.close()
-    best.close()
-    writer.close()
-  return result
-
-
-def _initial_state(model: Any, tx: Any, shardings: Any, rng: jax.Array, ema: bool,
-                   encoder: Optional[dict]) -> step_lib.FinetuneState:
-  """Random initialisation, with the pretrained encoder's parameters put in when given.
-
-  The key and the encoder (restored on one device) are placed first, the key replicated and each
-  encoder parameter with its own sharding (FSDP: never whole on one device), on every process.
-  """
-  create = functools.partial(step_lib.create_state, model, tx, ema=ema)
-  rng = jax.device_put(jax.device_get(rng), shardings.step)
-  if encoder is not None:
-    encoder = jax.device_put(jax.device_get(encoder),
-                             {name: shardings.params[name] for name in encoder})
-
-  def initial(rng, encoder):
-    state = create(rng)
-    if encoder is None:
-      return state
-    params = {**state.params, **encoder}
-    return state.replace(params=params, opt_state=tx.init(params),
-                         ema_params=jax.tree.map(jax.numpy.copy, params) if ema else {})
-
-  return jax.jit(initial, out_shardings=shardings)(rng, encoder)
-
+        on_step: Optional[Callable[[int], None]] = None) -> RunResult:
+  """Fine-tunes (or resumes) `config` in `workdir` (see the module docstring)."""
+  return runner.run(FinetuneTask(config), workdir, on_step)
 
 
 def score_workdir(workdir: str, task_dir: Optional[str] = None, split: Optional[str] = None
@@ -408,9 +295,8 @@ def score_workdir(workdir: str, task_dir: Optional[str] = None, split: Optional[
   if not split:
     raise ConfigError(f"{workdir} was trained without a test split: name the split to score")
   model = step_lib.build_model(config, model_config, len(task.vocabulary))
-  abstract = jax.eval_shape(
-      lambda: models.unbox(model.init({"params": jax.random.PRNGKey(0)},
-                                      jax.numpy.zeros((1, *model_config.input_shape))))["params"])
+  abstract = jax.eval_shape(lambda: models.unbox(step_lib.init_params(model,
+                                                                     jax.random.PRNGKey(0))))
   best_dir = checkpointing.workdir_path(workdir) / BEST_DIR
   steps = [int(p.name) for p in best_dir.iterdir() if p.name.isdigit()] if best_dir.exists() else []
   if steps:

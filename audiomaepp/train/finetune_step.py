@@ -6,7 +6,6 @@ fold_in(seed key, s), so a resumed run repeats exactly what the uninterrupted on
 from typing import Any
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,34 +16,9 @@ from flax import traverse_util
 from audiomaepp.models import classifier as classifier_lib
 from audiomaepp.models import layout
 from audiomaepp.train import optim
+from audiomaepp.train.state import TrainState
 
 _SPECAUGMENT_STREAM, _MIXUP_STREAM, _DROPOUT_STREAM = 1, 2, 3
-
-
-class FinetuneState(flax.struct.PyTreeNode):
-  """Train step, classifier parameters, optimiser state and (when `ema_decay` > 0) the
-  exponential moving average of the parameters ({} otherwise)."""
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ema_params: Any
-
-  def checkpoint_items(self) -> tuple[Any, dict[str, Any]]:
-    """(params, the rest) as stored in the checkpoint items `params` and `train_state`."""
-    rest = {"step": self.step, "opt_state": self.opt_state}
-    if self.ema_params:
-      rest["ema_params"] = self.ema_params
-    return self.params, rest
-
-  @classmethod
-  def from_checkpoint_items(cls, params: Any, rest: dict[str, Any]) -> "FinetuneState":
-    """Inverse of `checkpoint_items`."""
-    return cls(step=rest["step"], params=params, opt_state=rest["opt_state"],
-               ema_params=rest.get("ema_params", {}))
-
-  def eval_params(self) -> Any:
-    """The parameters evaluated: the moving average when kept, else the trained ones."""
-    return self.ema_params if self.ema_params else self.params
 
 
 def layer_scales(params: Any, depth: int, layer_decay: float, freeze_encoder: bool = False
@@ -112,13 +86,10 @@ def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
   return tx
 
 
-def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                 ema: bool) -> FinetuneState:
-  """Randomly initialised parameters (unboxed), optimiser state and EMA copy."""
-  variables = model.init({"params": rng}, jnp.zeros((1, *model.config.input_shape), jnp.float32))
-  params = nn.meta.unbox(variables["params"])
-  return FinetuneState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       ema_params=jax.tree.map(jnp.copy, params) if ema else {})
+def init_params(model: nn.Module, rng: jax.Array) -> Any:
+  """The classifier's initial parameters, boxed with their logical-axis metadata."""
+  return model.init({"params": rng},
+                    jnp.zeros((1, *model.config.input_shape), jnp.float32))["params"]
 
 
 def spec_augment(rng: jax.Array, spectrogram: jax.Array, max_time: int, max_freq: int
@@ -158,10 +129,10 @@ def loss_fn(logits: jax.Array, targets: jax.Array, multilabel: bool) -> jax.Arra
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def train_step(state: FinetuneState, batch: dict[str, jax.Array], rng: jax.Array, *,
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                finetune: ml_collections.ConfigDict, multilabel: bool, ema_decay: float,
-               grad_accum_steps: int = 1) -> tuple[FinetuneState, dict[str, jax.Array]]:
+               grad_accum_steps: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on batch 'spectrogram' (batch, time, mel), 'targets' (batch, classes).
 
   Augmentation in order: SpecAugment, mixup (`finetune.mixup` > 0), label smoothing

@@ -2,38 +2,25 @@
 from typing import Any, Optional
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 from audiomaepp import models
+from audiomaepp.train.state import TrainState, new_state
 
 
-class TrainState(flax.struct.PyTreeNode):
-  """Everything that changes during training. Parameters and optimiser state are float32."""
-  step: jax.Array  # () int32: train steps done (micro-batches, with gradient accumulation)
-  params: Any
-  opt_state: Any
-
-  def checkpoint_items(self) -> tuple[Any, dict[str, Any]]:
-    """(params, the rest) as stored in the checkpoint items `params` and `train_state`."""
-    return self.params, {"step": self.step, "opt_state": self.opt_state}
-
-  @classmethod
-  def from_checkpoint_items(cls, params: Any, train_state: dict[str, Any]) -> "TrainState":
-    """Inverse of `checkpoint_items`."""
-    return cls(step=train_state["step"], params=params, opt_state=train_state["opt_state"])
+def init_params(model: nn.Module, rng: jax.Array, input_shape: tuple[int, int]) -> Any:
+  """The model's initial parameters, boxed with their logical-axis metadata."""
+  params_rng, masking_rng = jax.random.split(rng)
+  return model.init({"params": params_rng, "masking": masking_rng},
+                    jnp.zeros((1, *input_shape), jnp.float32))["params"]
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                        input_shape: tuple[int, int]) -> TrainState:
   """Initialises parameters (unboxed from their logical-axis metadata) and optimiser state."""
-  params_rng, masking_rng = jax.random.split(rng)
-  variables = model.init({"params": params_rng, "masking": masking_rng},
-                         jnp.zeros((1, *input_shape), jnp.float32))
-  params = models.unbox(variables["params"])
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return new_state(models.unbox(init_params(model, rng, input_shape)), tx)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
