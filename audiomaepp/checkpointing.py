@@ -8,10 +8,14 @@ A workdir (from pretraining, or from `tools.import_original`) is a local path or
                          position is the step itself (data/pipeline.py), so nothing else is saved
   checkpoints_skipped/   damaged steps moved aside by `restore_with_fallback`
 
-A step that fails to restore is classified (`classify_restore_error`): provably damaged (files
-missing or truncated, an item missing) steps are skipped; a train state of another structure than
-the one asked for (another optimiser) is an error, not damage; storage that does not answer is
-retried with backoff, then an error. Anything else is a bug and propagates with its traceback.
+Both restores (`restore_with_fallback` for training, `restore_params` for everything that reads
+parameters) try the steps newest first on every process, and process 0 decides for all from every
+process's outcome (`classify_restore_error`): a provably damaged step (files missing or
+truncated, an item missing, metadata that does not parse) is skipped; storage that does not
+answer is retried with backoff, then `errors.StorageError`; a refused read is
+`CheckpointPermissionError`; a tree of another structure is `StructureMismatchError`; no step
+left is `NoRestorableCheckpointError`. Anything else is a bug and propagates with its traceback.
+docs/reliability.md ("Restore semantics") has the table and the test of each row.
 
 Saves are atomic (Orbax writes `<step>.orbax-checkpoint-tmp` and renames it when complete; on GCS
 it writes `<step>/commit_success.txt` last instead), so a process killed mid-save leaves the
@@ -24,7 +28,7 @@ import json
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -50,20 +54,31 @@ READ_ATTEMPTS = 4
 READ_BACKOFF_SECONDS = 2.0
 
 # What a failed restore of a step means (`classify_restore_error`), in order of precedence when
-# hosts disagree: the first is no failure.
-RESTORED, DAMAGED, UNREADABLE, MISMATCH, BUG = range(5)
-# Status codes that TensorStore puts first in its errors: stored bytes missing or wrong (damage),
-# and storage that failed to answer (worth retrying).
-_DAMAGED_STATUS = {"DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION",
-                   "INVALID_ARGUMENT"}
-_UNREADABLE_STATUS = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED",
-                      "INTERNAL", "UNKNOWN", "CANCELLED", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+# processes disagree: the first is no failure.
+RESTORED, DAMAGED, UNREADABLE, DENIED, MISMATCH, BUG = range(6)
+# Status codes (gRPC's, which TensorStore puts first in its errors) by what they say about a step:
+# stored bytes missing or truncated; storage that did not answer (worth retrying, as gRPC advises
+# for ABORTED too); a read refused. Any other code (INTERNAL, UNKNOWN, FAILED_PRECONDITION,
+# CANCELLED, ...) says nothing about the step: a bug. TensorStore drops the INVALID_ARGUMENT prefix.
+_DAMAGED_STATUS = {"DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE"}
+_UNREADABLE_STATUS = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED"}
+_DENIED_STATUS = {"PERMISSION_DENIED", "UNAUTHENTICATED"}
 _STATUS = re.compile(r"^([A-Z_]+): ")
+# What Orbax logs, as a warning, whenever a read-only manager is made.
+_READ_ONLY_NOTICE = "Given directory is read only=%s"
 
 
 class StructureMismatchError(UserError):
-  """A checkpoint holds a tree of another structure than the one asked for (e.g. the optimiser
-  state of another `grad_clip_norm` or `grad_accum_steps`)."""
+  """A checkpoint holds a tree of another structure than the one asked for (another model, or
+  the optimiser state of another `grad_clip_norm` or `grad_accum_steps`)."""
+
+
+class NoRestorableCheckpointError(UserError):
+  """Checkpoints exist, but every one is damaged; the message names each step's problem."""
+
+
+class CheckpointPermissionError(UserError):
+  """Reading a checkpoint was refused (permission denied, no credentials)."""
 
 
 # A checkpoint could not be read because storage did not answer, after retries.
@@ -154,22 +169,26 @@ def _quiet_failed_reads():
 @_quiet_failed_reads()
 def restore_params(workdir: Any, abstract_params: Any, step: Optional[int] = None) -> Any:
   """Restores the `params` item of checkpoint `step`, or by default of the newest step that reads
-  back (damaged newer steps are logged and skipped; nothing is moved: the workdir may be
-  read-only), shaped like the target.
+  back on every process, shaped like the target. Damaged newer steps are logged and skipped,
+  never moved (the workdir may be read-only). With several processes, every one must call it.
 
   `abstract_params` is a pytree of arrays or `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`
-  of the model's init); arrays without a sharding are placed on the default device.
+  of the model's init); arrays without a sharding are placed on this process's first device.
 
   Raises:
     FileNotFoundError: the workdir has no checkpoint.
-    UserError: `step` does not exist or cannot be restored, or no step can; names the workdir and
-      each step's problem.
+    UserError: `step` does not exist; or (subclasses) no step can be restored
+      (`NoRestorableCheckpointError`), a read was refused (`CheckpointPermissionError`), the
+      stored parameters have another structure (`StructureMismatchError`).
+    errors.StorageError: storage did not answer, after retries.
+    Any other exception: a bug, raised by the process that had it (RuntimeError on the others).
   """
-  # read_only: nothing may be written; the other two keep Orbax from warning that it set them.
-  with checkpoint_manager(workdir, read_only=True, save_interval_steps=0, create=False) as manager:
-    steps = sorted(manager.all_steps(), reverse=True)
+  directory = workdir_path(workdir) / CHECKPOINT_DIR
+  reader = _host_reader(directory)
+  try:
+    steps = _steps_of_process_0(reader)
     if not steps:
-      raise FileNotFoundError(f"no checkpoint under {workdir_path(workdir) / CHECKPOINT_DIR}")
+      raise FileNotFoundError(f"no checkpoint under {directory}")
     if step is not None:
       if step not in steps:
         raise UserError(f"{workdir} has no checkpoint step {step}; it has steps {sorted(steps)}")
@@ -179,58 +198,56 @@ def restore_params(workdir: Any, abstract_params: Any, step: Optional[int] = Non
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                        sharding=getattr(x, "sharding", None) or device),
         abstract_params)
-    damaged = []
-    for candidate in steps:
-      read = lambda step: manager.restore(
-          step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
-      restored, outcome, error = _read_step(read, candidate)
-      if outcome == MISMATCH:
-        raise StructureMismatchError(
-            f"checkpoint step {candidate} of {workdir}: {_failure_reason(error)}") from None
-      if outcome == UNREADABLE:
-        raise StorageError(f"checkpoint step {candidate} of {workdir} could not be read after "
-                           f"{READ_ATTEMPTS} attempts ({_failure_reason(error)})") from error
-      if outcome == DAMAGED:
-        damaged.append((candidate, _failure_reason(error)))
-        logging.warning("checkpoint step %d of %s cannot be restored (%s)", candidate, workdir,
-                        damaged[-1][1])
-        continue
-      if damaged:
-        logging.warning("restored step %d of %s instead of the damaged newer steps %s", candidate,
-                        workdir, [s for s, _ in damaged])
-      else:
-        logging.info("restored step %d of %s", candidate, workdir)
-      return restored[PARAMS_ITEM]
-  raise UserError(f"no checkpoint of {workdir} can be restored ("
-                  + "; ".join(f"step {s}: {r}" for s, r in damaged) + ")")
+    read = lambda candidate: reader.restore(
+        candidate, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
+    try:
+      found, restored, skipped = _restore_newest(read, steps, f"of {workdir}")
+    except StructureMismatchError as e:
+      raise StructureMismatchError(
+          f"{e}; check that the model asked for is the one recorded in "
+          f"{workdir_path(workdir) / CONFIG_FILE}") from None
+  finally:
+    reader.close()
+  for damaged, reason in skipped:
+    logging.warning("checkpoint step %d of %s cannot be restored (%s)", damaged, workdir, reason)
+  if skipped:
+    logging.warning("restored step %d of %s instead of the damaged newer steps %s", found,
+                    workdir, [s for s, _ in skipped])
+  else:
+    logging.info("restored step %d of %s", found, workdir)
+  return restored[PARAMS_ITEM]
 
 
 def classify_restore_error(error: BaseException) -> int:
   """What a failed restore of a step says about it: DAMAGED (files or an item missing, bytes
-  truncated or undecodable: only another step can help), UNREADABLE (storage did not answer:
-  worth retrying), MISMATCH (the stored tree has another structure than the one asked for: the
-  config changed) or BUG (anything else)."""
+  truncated, metadata that does not parse: only another step can help), UNREADABLE (storage did
+  not answer: worth retrying), DENIED (the read was refused), MISMATCH (the stored tree has
+  another structure than the one asked for: the config changed) or BUG (anything else)."""
   text = str(error)
-  if isinstance(error, ValueError) and "tree structures do not match" in text:
-    return MISMATCH
   if isinstance(error, KeyError) and "was not found in the checkpoint" in text:
     return DAMAGED  # an item's directory is gone
   if isinstance(error, (FileNotFoundError, json.JSONDecodeError)):
     return DAMAGED
-  if isinstance(error, OSError):  # EIO, timeouts, connection resets, permissions
+  if isinstance(error, PermissionError):
+    return DENIED
+  if isinstance(error, OSError):  # EIO, timeouts, connection resets
     return UNREADABLE
-  if isinstance(error, ValueError):
-    if text.startswith("Found incomplete checkpoint"):
-      return DAMAGED
-    status = _STATUS.match(text)
-    if status and status.group(1) in _DAMAGED_STATUS:
-      return DAMAGED
-    if status and status.group(1) in _UNREADABLE_STATUS:
-      return UNREADABLE
+  if not isinstance(error, ValueError):
+    return BUG
+  if "tree structures do not match" in text or "is not compatible with the stored shape" in text:
+    return MISMATCH
+  if text.startswith("Found incomplete checkpoint"):
+    return DAMAGED
+  status = _STATUS.match(text)
+  code = status.group(1) if status else None
+  for outcome, codes in ((DAMAGED, _DAMAGED_STATUS), (UNREADABLE, _UNREADABLE_STATUS),
+                         (DENIED, _DENIED_STATUS)):
+    if code in codes:
+      return outcome
   return BUG
 
 
-def _read_step(read: Any, step: int) -> tuple[Any, int, Optional[BaseException]]:
+def _read_step(read: Callable[[int], Any], step: int) -> tuple[Any, int, Optional[BaseException]]:
   """`read(step)`, attempted READ_ATTEMPTS times with exponential backoff while storage does not
   answer; returns (restored, RESTORED, None) or (None, outcome, error) of the last attempt."""
   attempt = 1
@@ -252,6 +269,15 @@ def _failure_reason(error: BaseException) -> str:
   """'<type>: <first line>' of a failed restore, at most 300 characters."""
   text = str(error).strip()
   return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def _mismatch_reason(error: BaseException) -> str:
+  """The first sentence of a structure mismatch (not Orbax's advice to pad or truncate), followed
+  by the first paths Orbax says differ."""
+  paths = [line[:-1] for line in str(error).splitlines()[1:]
+           if line.endswith(":") and not line.startswith(" ")]
+  listed = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+  return f"{_failure_reason(error).split('. ')[0]} {listed}".strip()
 
 
 def training_manager(workdir: Any, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -322,74 +348,98 @@ class Restored:
 @_quiet_failed_reads()
 def restore_with_fallback(manager: ocp.CheckpointManager, abstract_params: Any,
                           abstract_train_state: Any) -> Optional[Restored]:
-  """Restores the newest step that reads back completely; None when there is no checkpoint.
+  """Restores the newest step that reads back completely on every process; None when there is
+  no checkpoint. Damaged newer steps are logged and moved to `checkpoints_skipped/` (kept for
+  inspection, out of the way of later saves of their step numbers).
 
   Abstract trees are `jax.ShapeDtypeStruct`s with shardings; other items of a step (the
   `data_iter` of checkpoints written before the data order was derived from the step) are not
-  read. Every host tries each step, newest first (the steps process 0 lists), and process 0
-  decides from all outcomes, so that every host restores the same step:
-    * damaged on any host (truncated or deleted files, missing items): skipped, logged with the
-      reason and moved to `checkpoints_skipped/` so later saves can reuse its step number;
-    * storage that does not answer: retried with backoff, then `StorageError`; nothing is moved;
-    * another tree structure (the optimiser changed): `StructureMismatchError`;
-    * any other error: re-raised on the host that had it, RuntimeError on the others.
-  Raises RuntimeError when checkpoints exist but none is readable.
+  read. A failure raises what `restore_params` raises, and moves nothing.
   """
   reader = _host_reader(manager.directory)
   items = {PARAMS_ITEM: ocp.args.StandardRestore(abstract_params),
            TRAIN_STATE_ITEM: ocp.args.StandardRestore(abstract_train_state)}
   read = lambda step: reader.restore(step, args=ocp.args.Composite(**items))
-  skipped = []
   try:
-    for step in _steps_of_process_0(manager):
-      restored, outcome, error = _read_step(read, step)
-      decision = _decide(outcome)
-      if decision == BUG:
-        if error is not None and outcome == BUG:
-          raise error
-        raise RuntimeError(f"another process failed to restore checkpoint step {step} (see its "
-                           "log)")
-      if decision == MISMATCH:
-        raise StructureMismatchError(
-            f"checkpoint step {step} under {manager.directory} "
-            + (_failure_reason(error) if outcome == MISMATCH else
-               "holds a train state of another structure (seen by another process)")) from None
-      if decision == UNREADABLE:
-        reason = (_failure_reason(error) if outcome == UNREADABLE
-                  else "storage did not answer another process")
-        raise StorageError(f"checkpoint step {step} under {manager.directory} could not be read "
-                           f"after {READ_ATTEMPTS} attempts ({reason}); nothing was moved: start "
-                           "again once storage answers")
-      if decision == DAMAGED:
-        reason = (_failure_reason(error) if error is not None
-                  else "damaged as read by another process")
-        logging.warning("checkpoint step %d cannot be restored, skipping it (%s)", step, reason)
-        skipped.append((step, reason))
-        continue
-      if skipped:
-        _move_aside(manager, [s for s, _ in skipped])
-        logging.warning("restored step %d after skipping damaged steps %s", step,
-                        [s for s, _ in skipped])
-      return Restored(step, restored[PARAMS_ITEM], restored[TRAIN_STATE_ITEM], skipped)
+    steps = _steps_of_process_0(manager)
+    if not steps:
+      return None
+    try:
+      step, restored, skipped = _restore_newest(read, steps, f"under {manager.directory}")
+    except NoRestorableCheckpointError as e:
+      raise NoRestorableCheckpointError(
+          f"{e}; move the directory away to start from scratch") from None
   finally:
     reader.close()
+  for damaged, reason in skipped:
+    logging.warning("checkpoint step %d cannot be restored, skipping it (%s)", damaged, reason)
   if skipped:
-    raise RuntimeError(
-        f"no checkpoint under {manager.directory} can be restored ("
-        + "; ".join(f"step {s}: {r}" for s, r in skipped)
-        + "); move the directory away to start from scratch")
-  return None
+    _move_aside(manager, [s for s, _ in skipped])
+    logging.warning("restored step %d after skipping damaged steps %s", step,
+                    [s for s, _ in skipped])
+  return Restored(step, restored[PARAMS_ITEM], restored[TRAIN_STATE_ITEM], skipped)
+
+
+def _restore_newest(read: Callable[[int], Any], steps: list[int],
+                    where: str) -> tuple[int, Any, list[tuple[int, str]]]:
+  """The first of `steps` that reads back on every process: (step, `read(step)`, the damaged steps
+  before it with their reasons). `where` names the checkpoints in messages ('of WORKDIR').
+
+  Every process reads each step (retried while storage does not answer); process 0 decides from
+  all outcomes (`_decide`) and every process acts on the decision: DAMAGED tries the next step;
+  UNREADABLE, DENIED and MISMATCH raise their one-line errors; BUG re-raises the exception on the
+  process that had it, RuntimeError on the others. Moves nothing.
+  """
+  skipped = []
+  for step in steps:
+    restored, outcome, error = _read_step(read, step)
+    decision = _decide(outcome)
+    if decision == RESTORED:
+      return step, restored, skipped
+    name = f"checkpoint step {step} {where}"
+    mine = outcome == decision
+    if decision == BUG:
+      if mine:
+        raise error
+      raise RuntimeError(f"another process failed to restore {name} (see its log)")
+    if decision == DAMAGED:
+      skipped.append((step, _failure_reason(error) if mine else
+                      "damaged as another process read it"))
+    elif decision == UNREADABLE:
+      raise StorageError(
+          f"{name} could not be read after {READ_ATTEMPTS} attempts ("
+          + (_failure_reason(error) if mine else "storage did not answer another process")
+          + "); nothing was moved: try again once storage answers") from (error if mine else None)
+    elif decision == DENIED:
+      raise CheckpointPermissionError(
+          f"{name} could not be read: permission denied ("
+          + (_failure_reason(error) if mine else "on another process")
+          + "); nothing was moved: check the credentials and permissions for it") from None
+    else:
+      raise StructureMismatchError(
+          f"{name}: " + (_mismatch_reason(error) if mine else
+                         "holds a tree of another structure (seen by another process)")) from None
+  raise NoRestorableCheckpointError(
+      f"no checkpoint {where} can be restored ("
+      + "; ".join(f"step {step}: {reason}" for step, reason in skipped) + ")")
 
 
 def _host_reader(directory: Any) -> ocp.CheckpointManager:
   """A read-only manager for this process alone: its restores wait for no other process (Orbax
   ends each restore at a barrier of all processes, where hosts whose read failed never arrive),
-  so that the hosts can agree on the outcome (`_decide`) instead."""
+  so that the hosts can agree on the outcome (`_decide`) instead. Made without Orbax's warning
+  that it is read-only: reading is what it is for."""
   me = jax.process_index()
-  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, save_interval_steps=0, create=False,
-      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me,
-                                                                 active_processes={me})))
+  notice = lambda record: record.msg != _READ_ONLY_NOTICE
+  absl_logger = logging.get_absl_logger()
+  absl_logger.addFilter(notice)
+  try:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, save_interval_steps=0, create=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me,
+                                                                   active_processes={me})))
+  finally:
+    absl_logger.removeFilter(notice)
 
 
 def _steps_of_process_0(manager: ocp.CheckpointManager) -> list[int]:
@@ -405,7 +455,7 @@ def _steps_of_process_0(manager: ocp.CheckpointManager) -> list[int]:
 
 def _decide(outcome: int) -> int:
   """Process 0's decision on a step from every process's `outcome` (the gravest: BUG, MISMATCH,
-  UNREADABLE, DAMAGED, then RESTORED), broadcast so that every process acts on the same one."""
+  DENIED, UNREADABLE, DAMAGED, then RESTORED), broadcast so that every process acts on it."""
   if jax.process_count() == 1:
     return outcome
   outcomes = multihost_utils.process_allgather(np.int32(outcome))
