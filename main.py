@@ -13,7 +13,7 @@ the coordinator (process 0) was lost: JAX's client aborts the process within sec
 by a signal.
 
 Compiled programs are kept in JAX's persistent compilation cache: `JAX_COMPILATION_CACHE_DIR`,
-or `.jax_compilation_cache` beside the workdir (`parallel.use_compilation_cache`).
+or this user's ~/.cache/audiomaepp/jax_compilation_cache (`parallel.use_compilation_cache`).
 """
 import multiprocessing
 import os
@@ -22,11 +22,11 @@ import time
 import jax
 from absl import flags
 from absl import logging
-from jax._src import distributed  # the coordination service client, for the host watchdog
 from ml_collections import config_flags
 
 from audiomaepp import checkpointing
 from audiomaepp import hosts
+from audiomaepp import jax_internals
 from audiomaepp import parallel
 from audiomaepp import train
 from audiomaepp.errors import UserError
@@ -70,7 +70,7 @@ def main(argv):
     # Mostly transient (the coordinator not up yet, a host still restarting): worth a restart.
     cli.print_error(f"could not join the other hosts: {str(e).splitlines()[0] if str(e) else e!r}")
     raise SystemExit(HOST_LOST_EXIT_CODE) from None
-  logging.info("compilation cache: %s", parallel.use_compilation_cache(_WORKDIR.value))
+  logging.info("compilation cache: %s", parallel.use_compilation_cache())
   watchdog = _watch_hosts(_WORKDIR.value) if joined and jax.process_count() > 1 else None
   try:
     run = finetune.run if _CONFIG.value.get("task") == "finetune" else train.run
@@ -110,7 +110,7 @@ def _watch_hosts(workdir: str) -> hosts.HostWatchdog:
     # stays temporary and is removed by the next start.
     os._exit(HOST_LOST_EXIT_CODE)  # pylint: disable=protected-access
 
-  watchdog = hosts.HostWatchdog(distributed.global_state.client, jax.process_index(),
+  watchdog = hosts.HostWatchdog(jax_internals.coordination_client(), jax.process_index(),
                                 jax.process_count(), on_lost, timeout=_HOST_TIMEOUT.value)
   watchdog.note_step(checkpointing.latest_complete_step(workdir) or 0)
   return watchdog.start()

@@ -24,7 +24,7 @@ DONE = "done"
 class HostWatchdog:
   """Beats for this process and calls `on_lost(host)` once when another host stops beating.
 
-  `client` is the coordination service client (`jax._src.distributed.global_state.client`, or
+  `client` is the coordination service client (`jax_internals.coordination_client()`, or
   any object with `key_value_set(key, value, allow_overwrite)` and `key_value_dir_get(prefix)`).
   """
 

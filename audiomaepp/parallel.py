@@ -16,11 +16,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from etils import epath
-from jax._src import clusters  # JAX's own cluster detection (SLURM, TPU VM, ...)
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from audiomaepp import jax_internals
 from audiomaepp.errors import UserError
 
 MESH_AXES = ("data", "fsdp")
@@ -167,8 +166,8 @@ def resolve_distributed(coordinator_address: Optional[str] = None,
     return None
   if None in (coordinator_address, num_processes, process_id):
     (coordinator_address, num_processes, process_id,
-     detected_ids) = clusters.ClusterEnv.auto_detect_unset_distributed_params(
-         coordinator_address, num_processes, process_id, local_device_ids, None, 300)
+     detected_ids) = jax_internals.detect_cluster(coordinator_address, num_processes,
+                                                  process_id, local_device_ids)
     local_device_ids = local_device_ids or detected_ids
   if None in (coordinator_address, num_processes, process_id):
     missing = [name for name, value in (("JAX_COORDINATOR_ADDRESS", coordinator_address),
@@ -197,16 +196,21 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   return True
 
 
-COMPILATION_CACHE_DIR = ".jax_compilation_cache"
+def default_compilation_cache_dir() -> str:
+  """This user's local cache directory for compiled programs:
+  `$XDG_CACHE_HOME/audiomaepp/jax_compilation_cache` (~/.cache/... by default). Local, so that
+  it is never a bucket shared by every run, and bounded by the machine's disk."""
+  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache_home, "audiomaepp", "jax_compilation_cache")
 
 
-def use_compilation_cache(workdir: str) -> str:
+def use_compilation_cache() -> str:
   """Turns on JAX's persistent compilation cache and returns its directory: the one
   `JAX_COMPILATION_CACHE_DIR` (or `jax_compilation_cache_dir`) names, else
-  `.jax_compilation_cache` beside the workdir, so that restarts and runs side by side reuse
+  `default_compilation_cache_dir()`, so that restarts and runs side by side on this machine reuse
   each other's compiled programs. `JAX_ENABLE_COMPILATION_CACHE=false` turns it off."""
   directory = jax.config.jax_compilation_cache_dir
   if not directory:
-    directory = str(epath.Path(workdir).parent / COMPILATION_CACHE_DIR)
+    directory = default_compilation_cache_dir()
     jax.config.update("jax_compilation_cache_dir", directory)
   return directory

@@ -11,10 +11,12 @@
 # coordinator disappears). Gives up, returning the status, on 0 (done), on any other status (1:
 # a user or training error that a restart would repeat) and after N restarts. SIGTERM or SIGINT
 # to the supervisor is passed to the command, and the supervisor then stops with its status.
-# Status 134 (SIGABRT) is how JAX's client ends a process whose coordinator (process 0) is gone:
-# the supervisor then prints `error: the command aborted (status 134), as JAX does when the
-# coordinator (process 0) is lost; last checkpoint: step C`, C read from the --workdir's checkpoints/ (local
-# workdirs; on gs:// it names the directory to list).
+# Status 134 (SIGABRT) is reported as `error: the command aborted (status 134); last checkpoint:
+# step C`, C read from the --workdir's checkpoints/ (local workdirs; on gs:// it names the
+# directory to list). It is also how JAX's client ends a process whose coordinator (process 0) is
+# gone: when the command's standard error says so (JAX's "distributed service detected fatal
+# errors"), the line names the lost coordinator. The command's standard error still reaches the
+# supervisor's; a copy of the last start's is kept in a temporary file for this check.
 # Waits BACKOFF, 2 x BACKOFF, ... (at most 300 s) before each restart: the first wait must exceed
 # the time the other hosts take to notice a loss (main.py --host_timeout_seconds, 8 s) so that
 # every host has left the old run before any joins the new one.
@@ -66,6 +68,9 @@ latest_checkpoint() {
 }
 
 WORKDIR=$(workdir_of "$@")
+ERRLOG=$(mktemp "${TMPDIR:-/tmp}/supervise.XXXXXX")
+trap 'rm -f "$ERRLOG"' EXIT
+COORDINATOR_LOST="JAX distributed service detected fatal errors"
 
 CHILD=0
 STOPPING=0
@@ -78,7 +83,8 @@ trap forward TERM INT
 attempt=0
 delay=$BACKOFF
 while true; do
-  "$@" &
+  : > "$ERRLOG"
+  "$@" 2> >(tee -a "$ERRLOG" >&2) &
   CHILD=$!
   # A signal that came before CHILD was set found nothing to forward: forward it now.
   [[ $STOPPING == 1 ]] && kill -TERM "$CHILD" 2>/dev/null
@@ -94,12 +100,16 @@ while true; do
     exit "$status"
   fi
   if [[ $status == 134 ]]; then
-    printf '\nerror: the command aborted (status 134), as JAX does when the coordinator (process 0) is lost; last checkpoint: step %s\n' \
-      "$(latest_checkpoint "$WORKDIR")" >&2
+    sleep 0.2  # tee copies the command's last lines
+    cause=""
+    grep -q "$COORDINATOR_LOST" "$ERRLOG" && cause=", as JAX does when the coordinator (process 0) is lost"
+    printf '\nerror: the command aborted (status 134)%s; last checkpoint: step %s\n' \
+      "$cause" "$(latest_checkpoint "$WORKDIR")" >&2
   fi
   case "$status" in
     0) exit 0 ;;
     75|143) reason="status $status" ;;
+    134) reason="an abort (status 134)" ;;
     *) if [[ $status -gt 128 ]]; then reason="signal $((status - 128))"; else
          log "the command failed with status $status: not restarting"; exit "$status"; fi ;;
   esac

@@ -78,9 +78,16 @@ create() {
 
 setup() {
   local archive=/tmp/audiomaepp-src.tar.gz
-  # The workers get the last commit: refuse rather than silently drop edits not committed yet.
+  # The workers get the last commit: refuse rather than silently drop edits not committed yet,
+  # or files of the package, configs and launchers never added (a new config file).
   if [[ -n "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]]; then
     echo "error: $REPO has uncommitted changes and setup ships the last commit (git archive HEAD): commit or stash them first" >&2
+    exit 1
+  fi
+  local untracked
+  untracked=$(git -C "$REPO" ls-files --others --exclude-standard -- audiomaepp configs launch | head -n 1)
+  if [[ -n "$untracked" ]]; then
+    echo "error: $REPO/$untracked is not committed and setup ships the last commit (git archive HEAD): git add and commit it, or remove it" >&2
     exit 1
   fi
   run git -C "$REPO" archive --format=tar.gz -o "$archive" HEAD

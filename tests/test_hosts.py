@@ -116,18 +116,6 @@ def _start_pair(workdir, env, port, wrap=()):
   return procs
 
 
-def _finish(procs, timeout=600):
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=timeout)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-  return [p.returncode for p in procs], outputs
-
-
 def _train_losses(workdir):
   records = metrics.read_jsonl(os.path.join(workdir, metrics.METRICS_FILE))
   return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
@@ -137,7 +125,7 @@ def _wait_for_step(procs, workdir, step):
   deadline = time.time() + 400
   while max(_train_losses(workdir), default=0) < step:
     if any(p.poll() is not None for p in procs) or time.time() > deadline:
-      _finish(procs, timeout=1)
+      main_runs.finish(procs, timeout=1)
       pytest.fail(f"a process ended or stalled before step {step}")
     time.sleep(0.02)
 
@@ -146,7 +134,7 @@ def _wait_for_checkpoint(procs, workdir, step):
   deadline = time.time() + 400
   while (checkpointing.latest_complete_step(workdir) or 0) < step:
     if any(p.poll() is not None for p in procs) or time.time() > deadline:
-      _finish(procs, timeout=1)
+      main_runs.finish(procs, timeout=1)
       pytest.fail(f"a process ended or stalled before checkpoint {step} was complete")
     time.sleep(0.02)
 
@@ -155,7 +143,7 @@ def _wait_for_checkpoint(procs, workdir, step):
 def reference(tmp_path_factory, env):
   """An uninterrupted env-only 2-process run."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  codes, outputs = _finish(_start_pair(workdir, env, main_runs.free_port()))
+  codes, outputs = main_runs.finish(_start_pair(workdir, env, main_runs.free_port()))
   assert codes == [0, 0], "\n".join(o[-2000:] for o in outputs)
   return workdir
 
@@ -185,7 +173,7 @@ def test_kill9_of_one_host_survivor_reports_and_exits_then_both_resume(tmp_path,
   except subprocess.TimeoutExpired:
     pass
   seconds = time.monotonic() - killed
-  codes, outputs = _finish(procs, timeout=5)
+  codes, outputs = main_runs.finish(procs, timeout=5)
   last = outputs[0].strip().splitlines()[-1]
   print(f"survivor: exit status {codes[0]} after {seconds:.1f} s; last line: {last}")
   assert codes[0] == HOST_LOST and seconds <= 15
@@ -196,7 +184,7 @@ def test_kill9_of_one_host_survivor_reports_and_exits_then_both_resume(tmp_path,
   step = int(last.split("at step ")[1].split(";")[0])
   assert checkpoint <= step <= STEPS
 
-  codes, outputs = _finish(_start_pair(workdir, env, main_runs.free_port()))
+  codes, outputs = main_runs.finish(_start_pair(workdir, env, main_runs.free_port()))
   assert codes == [0, 0], "\n".join(o[-2000:] for o in outputs)
   assert f"resumed from checkpoint step {checkpoint}" in outputs[0]
   losses, expected = _train_losses(workdir), _train_losses(reference)
@@ -223,14 +211,14 @@ def test_kill9_of_the_coordinator_ends_the_survivor_and_its_supervisor_reports_i
   except subprocess.TimeoutExpired:
     pass
   seconds = time.monotonic() - killed
-  codes, outputs = _finish(procs, timeout=5)
+  codes, outputs = main_runs.finish(procs, timeout=5)
   errors = [line for line in outputs[1].splitlines() if line.startswith("error:")]
   print(f"survivor: exit status {codes[1]} after {seconds:.1f} s; error line: {errors}")
   assert codes[1] == 134 and seconds <= 15
   checkpoint = checkpointing.latest_complete_step(workdir)
   assert errors == [f"error: the command aborted (status 134), as JAX does when the coordinator "
                     f"(process 0) is lost; last checkpoint: step {checkpoint}"]
-  assert "supervise: the command ended with signal 6 after 0 restarts: giving up" in outputs[1]
+  assert "supervise: the command ended with an abort (status 134) after 0 restarts: giving up" in outputs[1]
 
 
 @pytest.mark.slow
@@ -247,7 +235,7 @@ def test_supervisor_restarts_after_a_kill_at_a_random_step_and_losses_match(tmp_
   trainer = int(subprocess.run(["pgrep", "-P", str(procs[victim].pid)], capture_output=True,
                                text=True, check=True).stdout.split()[0])
   os.kill(trainer, signal.SIGKILL)
-  codes, outputs = _finish(procs)
+  codes, outputs = main_runs.finish(procs)
   print(f"killed process {victim} at step {kill_step}")
   assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
   assert "supervise: the command ended with signal 9; restart 1 of 3" in outputs[victim]

@@ -125,6 +125,28 @@ def test_supervisor_restart_policy(tmp_path, script, status, starts):
   assert (code, started) == (status, starts), stderr
 
 
+@pytest.mark.parametrize("printed,cause", [
+    ("", ""),
+    ("Terminating process because the JAX distributed service detected fatal errors. This most "
+     "likely indicates that another task died", ", as JAX does when the coordinator (process 0) "
+     "is lost"),
+])
+def test_supervisor_reports_an_abort_and_names_the_coordinator_only_when_the_log_does(
+    tmp_path, printed, cause):
+  workdir = tmp_path / "w"
+  (workdir / "checkpoints" / "7").mkdir(parents=True)
+  command = tmp_path / "command.sh"
+  command.write_text(f"echo '{printed}' >&2\nkill -ABRT $$\n")
+  proc = _bash(os.path.join(LAUNCH, "supervise.sh"), "--max_restarts", "0", "--", "bash",
+               str(command), f"--workdir={workdir}")
+  assert proc.returncode == 134
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [f"error: the command aborted (status 134){cause}; last checkpoint: step 7"]
+  assert "supervise: the command ended with an abort (status 134) after 0 restarts" in proc.stderr
+  if printed:
+    assert printed in proc.stderr  # the command's own output still reaches the supervisor's
+
+
 def test_supervisor_passes_sigterm_and_stops(tmp_path):
   command = tmp_path / "command.sh"
   command.write_text(f"trap 'echo term > {tmp_path}/got; exit 143' TERM\n"
@@ -159,8 +181,16 @@ def test_tpu_pod_setup_refuses_uncommitted_changes(tmp_path):
   repo = _committed_checkout(tmp_path)
   script = str(repo / "launch" / "tpu_pod.sh")
   assert _bash(script, "--dry-run", "setup").returncode == 0
-  (repo / "untracked.py").write_text("")  # not shipped, not refused
+  (repo / "untracked.py").write_text("")  # outside the package, configs and launchers: not refused
   assert _bash(script, "--dry-run", "setup").returncode == 0
+  (repo / "configs").mkdir()
+  (repo / "configs" / "new.py").write_text("")  # a config never added would not be shipped
+  refused = _bash(script, "--dry-run", "setup")
+  assert refused.returncode == 1 and refused.stdout == ""
+  assert refused.stderr.strip() == (
+      f"error: {repo}/configs/new.py is not committed and setup ships the last commit (git "
+      "archive HEAD): git add and commit it, or remove it")
+  (repo / "configs" / "new.py").unlink()
   with open(script, "a") as f:
     f.write("\n")
   refused = _bash(script, "--dry-run", "setup")

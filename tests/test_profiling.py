@@ -68,14 +68,16 @@ def test_a_run_ending_inside_the_trace_stops_it_on_close(traces):
 
 
 @pytest.mark.integration
-def test_main_writes_a_trace_and_fills_the_cache_beside_the_workdir(tmp_path):
+def test_main_writes_a_trace_and_fills_the_users_local_cache(tmp_path):
   env = main_runs.fast_env(tmp_path / "unused")
-  del env["JAX_COMPILATION_CACHE_DIR"]  # the default: beside the workdir
+  del env["JAX_COMPILATION_CACHE_DIR"]  # the default: this user's local cache
+  env["XDG_CACHE_HOME"] = str(tmp_path / "home_cache")
   workdir = tmp_path / "runs" / "demo"
   done = subprocess.run([sys.executable, "main.py", *main_runs.shrunk_demo(4, checkpoint_every=4),
                          "--config.profile_steps=2,3", f"--workdir={workdir}"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert glob.glob(str(workdir / "plugins" / "profile" / "*" / "*.xplane.pb"))
-  assert os.listdir(tmp_path / "runs" / ".jax_compilation_cache")
+  assert os.listdir(tmp_path / "home_cache" / "audiomaepp" / "jax_compilation_cache")
+  assert sorted(os.listdir(tmp_path / "runs")) == ["demo"]  # nothing beside the workdir
   assert f"profiled steps 2-3: tensorboard --logdir={workdir}" in done.stderr
