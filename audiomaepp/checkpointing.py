@@ -167,8 +167,10 @@ def _quiet_failed_reads():
 
 
 @_quiet_failed_reads()
-def restore_params(workdir: Any, abstract_params: Any, step: Optional[int] = None) -> Any:
-  """Restores the `params` item of checkpoint `step`, or by default of the newest step that reads
+def restore_params(workdir: Any, abstract_params: Any, step: Optional[int] = None,
+                   subdir: str = CHECKPOINT_DIR) -> Any:
+  """Restores the `params` item of checkpoint `step` (under `workdir/subdir`: the latest
+  checkpoints, or e.g. a fine-tuning run's best), or by default of the newest step that reads
   back on every process, shaped like the target. Damaged newer steps are logged and skipped,
   never moved (the workdir may be read-only). With several processes, every one must call it.
 
@@ -183,7 +185,7 @@ def restore_params(workdir: Any, abstract_params: Any, step: Optional[int] = Non
     errors.StorageError: storage did not answer, after retries.
     Any other exception: a bug, raised by the process that had it (RuntimeError on the others).
   """
-  directory = workdir_path(workdir) / CHECKPOINT_DIR
+  directory = workdir_path(workdir) / subdir
   reader = _host_reader(directory)
   try:
     steps = _steps_of_process_0(reader)

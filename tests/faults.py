@@ -21,6 +21,19 @@ def tone(seconds: float, rate: int = 16000, channels: int = 1, freq: float = 440
   return np.stack([wave, 0.5 * wave], axis=1) if channels == 2 else wave
 
 
+def write_tone_shards(root: pathlib.Path) -> pathlib.Path:
+  """TFDS shards of four 2.5 s tones under `root/shards`, all in 'train' (no eval split)."""
+  from audiomaepp.data import builders  # pylint: disable=import-outside-toplevel
+  from audiomaepp.data import sources  # pylint: disable=import-outside-toplevel
+  audio = root / "tone_audio"
+  audio.mkdir()
+  for i in range(4):
+    sf.write(audio / f"clip{i}.wav", tone(2.5, freq=300 + 100 * i), 16000)
+  builders.build(sources.Sources(audio_dir=str(audio), eval_fraction=0.0), str(root / "shards"),
+                 progress=False)
+  return root / "shards"
+
+
 def write_audio_zoo(folder: pathlib.Path) -> dict[str, tuple[str, str]]:
   """Writes one file per kind of bad (or merely unusual) audio into `folder`.
 

@@ -1,6 +1,7 @@
 """What the tests that run `main.py` in subprocesses share: the demo config shrunk to seconds, and
 an environment that compiles quickly and caches compilations across a module's runs."""
 import os
+import signal
 import socket
 from typing import Optional
 
@@ -37,3 +38,17 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def finish(procs: list, timeout: float = 600) -> tuple[list[int], list[str]]:
+  """(exit statuses, outputs) of processes started with `start_new_session=True` and text
+  output; whatever still runs after `timeout` is killed with its process group."""
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=timeout)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+  return [p.returncode for p in procs], outputs

@@ -12,16 +12,12 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import soundfile as sf
 
 from audiomaepp import checkpointing
 from audiomaepp import metrics
-from audiomaepp.data import builders
-from audiomaepp.data import sources
 from audiomaepp.errors import UserError
 from audiomaepp.train import finetune
 from audiomaepp.train import pretrain
-from audiomaepp.train import runner
 from conftest import experiment_config
 import faults
 import finetune_tasks
@@ -37,13 +33,8 @@ HOST_LOST = 75
 def data(tmp_path_factory):
   """Pretraining shards of four tones; a fine-tuning task folder; a pretrained workdir."""
   root = tmp_path_factory.mktemp("runner")
-  audio = root / "audio"
-  audio.mkdir()
-  for i in range(4):
-    sf.write(audio / f"clip{i}.wav", faults.tone(2.5, freq=300 + 100 * i), 16000)
-  builders.build(sources.Sources(audio_dir=str(audio), eval_fraction=0.0), str(root / "shards"),
-                 progress=False)
-  task_dir = finetune_tasks.write_tone_task(root, multilabel=True)
+  faults.write_tone_shards(root)
+  finetune_tasks.write_tone_task(root, multilabel=True)
   finetune_tasks.write_pretrained(root / "pre")
   return root
 
@@ -144,18 +135,6 @@ def _start_pair(command, env):
       stderr=subprocess.STDOUT, text=True, start_new_session=True) for i in range(2)]
 
 
-def _finish(procs, timeout=600):
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=timeout)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-  return [p.returncode for p in procs], outputs
-
-
 def _losses(workdir):
   path = pathlib.Path(workdir) / metrics.METRICS_FILE
   return {r["step"]: r["loss"] for r in metrics.read_jsonl(str(path))
@@ -171,7 +150,7 @@ def test_two_fsdp_hosts_survive_kill9_and_a_damaged_newest_step(kind, data, tmp_
   before: every step's loss equals the uninterrupted run's, bit for bit."""
   env = main_runs.fast_env(tmp_path / "cache", devices=1)
   reference = tmp_path / "reference"
-  codes, outputs = _finish(_start_pair(_command(kind, data, reference), env))
+  codes, outputs = main_runs.finish(_start_pair(_command(kind, data, reference), env))
   assert codes == [0, 0], "\n".join(o[-2000:] for o in outputs)
   expected = _losses(reference)
   assert sorted(expected) == list(range(1, STEPS + 1))
@@ -182,17 +161,17 @@ def test_two_fsdp_hosts_survive_kill9_and_a_damaged_newest_step(kind, data, tmp_
   while (checkpointing.latest_complete_step(workdir) or 0) < 2 * EVERY or max(
       _losses(workdir), default=0) <= 2 * EVERY:
     if any(p.poll() is not None for p in procs) or time.time() > deadline:
-      _finish(procs, timeout=1)
+      main_runs.finish(procs, timeout=1)
       pytest.fail("a process ended or stalled before the kill")
     time.sleep(0.02)
   os.killpg(procs[1].pid, signal.SIGKILL)
-  codes, outputs = _finish(procs, timeout=60)
+  codes, outputs = main_runs.finish(procs, timeout=60)
   assert codes[0] == HOST_LOST, outputs[0][-2000:]
   newest = checkpointing.latest_complete_step(workdir)
   assert newest is not None and 2 * EVERY <= newest < STEPS
   faults.truncate_checkpoint_arrays(workdir / checkpointing.CHECKPOINT_DIR / str(newest))
 
-  codes, outputs = _finish(_start_pair(_command(kind, data, workdir), env))
+  codes, outputs = main_runs.finish(_start_pair(_command(kind, data, workdir), env))
   assert codes == [0, 0], "\n".join(o[-2000:] for o in outputs)
   for output in outputs:  # the same decision on both hosts
     assert f"checkpoint step {newest} cannot be restored, skipping it" in output

@@ -9,13 +9,11 @@ import shutil
 import tempfile
 
 import pytest
-import soundfile as sf
 
 from audiomaepp import checkpointing
 from audiomaepp import models
 from audiomaepp import train
 from audiomaepp.data import builders
-from audiomaepp.data import sources
 from audiomaepp.errors import UserError
 from audiomaepp.train import pretrain
 from audiomaepp.train import runner
@@ -38,13 +36,7 @@ def root():
 @pytest.fixture(scope="module")
 def data_dir(root):
   """A TFDS dataset of four 2.5 s tones, all in 'train' (eval_fraction 0): no eval split."""
-  audio = root / "audio"
-  audio.mkdir()
-  for i in range(4):
-    sf.write(audio / f"clip{i}.wav", faults.tone(2.5, freq=300 + 100 * i), 16000)
-  builders.build(sources.Sources(audio_dir=str(audio), eval_fraction=0.0), str(root / "data"),
-                 progress=False)
-  return root / "data"
+  return faults.write_tone_shards(root)
 
 
 @pytest.fixture

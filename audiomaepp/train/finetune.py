@@ -18,7 +18,6 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 
 from audiomaepp import checkpointing
@@ -300,15 +299,8 @@ def score_workdir(workdir: str, task_dir: Optional[str] = None, split: Optional[
   best_dir = checkpointing.workdir_path(workdir) / BEST_DIR
   steps = [int(p.name) for p in best_dir.iterdir() if p.name.isdigit()] if best_dir.exists() else []
   if steps:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract)
-    with ocp.CheckpointManager(best_dir, options=ocp.CheckpointManagerOptions(
-        read_only=True, save_interval_steps=0, create=False)) as manager:
-      step = max(steps)
-      params = manager.restore(step, args=ocp.args.Composite(
-          **{checkpointing.PARAMS_ITEM: ocp.args.StandardRestore(target)}))[
-              checkpointing.PARAMS_ITEM]
+    step = max(steps)
+    params = checkpointing.restore_params(workdir, abstract, step=step, subdir=BEST_DIR)
   else:
     step = checkpointing.latest_complete_step(workdir)
     params = checkpointing.restore_params(workdir, abstract)

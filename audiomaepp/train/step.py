@@ -1,4 +1,4 @@
-"""The train state and the pure train / eval steps (jitted with shardings by the loop)."""
+"""Pretraining's pure train / eval steps (jitted with shardings by the runner)."""
 from typing import Any, Optional
 
 import flax.linen as nn
