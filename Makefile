@@ -23,8 +23,8 @@ $(STAMP): requirements.txt setup.py
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-# The optional torch extra (requirements-torch.txt): the slow tier's parity runs against the
-# original PyTorch code need it; `make test` stays torch-free.
+# The optional torch extra (requirements-torch.txt): the parity checks against the original
+# PyTorch code need it, so every test target installs it (the package itself never does).
 $(TORCH_STAMP): $(STAMP) requirements-torch.txt
 	$(PY) -m pip install --quiet -r requirements-torch.txt
 	touch $(TORCH_STAMP)
@@ -47,16 +47,17 @@ deps-real:
 demo: $(STAMP)
 	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR)
 
-test: $(STAMP) deps
-	$(PY) -m pytest -q tests
+# -rs: every skip with its reason; with CI=true a skip not in tests/allowed_skips.txt fails.
+test: $(TORCH_STAMP) deps
+	$(PY) -m pytest -q -rs tests
 
 # The edit-test loop (under 2 minutes on 2 cores): unit and parity tests; subprocess runs of
 # main.py or the CLIs, multi-variant compiles and the original PyTorch code are 'integration'.
 test-fast: $(STAMP) deps
-	$(PY) -m pytest -q -m "not slow and not integration" tests
+	$(PY) -m pytest -q -rs -m "not slow and not integration" tests
 
 test-slow: $(TORCH_STAMP) deps
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -rs -m slow tests
 
 test-all: $(TORCH_STAMP) deps
-	$(PY) -m pytest -q -m "slow or not slow" tests
+	$(PY) -m pytest -q -rs -m "slow or not slow" tests
