@@ -1,5 +1,5 @@
 """Fine-tuning: metrics against scikit-learn, the classifier against the pretrained encoder, the
-optimiser's layer decay, augmentation, host-invariant batches and one-line errors."""
+optimiser's layer decay, augmentation and one-line errors (batches: test_labelled.py)."""
 import json
 import pathlib
 
@@ -173,30 +173,6 @@ def test_mixup_mixes_inputs_and_targets_with_the_reversed_batch():
   lam = float(mixed_y[0, 0])
   np.testing.assert_allclose(mixed_y[0, 3], 1 - lam, rtol=1e-6)
   np.testing.assert_allclose(mixed_x, lam * x + (1 - lam) * x[::-1], rtol=1e-5, atol=1e-6)
-
-
-def test_batches_do_not_depend_on_the_host_count():
-  spectrograms = [np.full((150 + i, 80), i, np.float32) for i in range(10)]
-  split = labelled.LabelledSplit(spectrograms, np.eye(10, dtype=np.float32), [""] * 10)
-  for weighted in (False, True):
-    whole = labelled.train_batch(split, 100, 8, 0, 3, (0, 1), weighted)
-    halves = [labelled.train_batch(split, 100, 8, 0, 3, (i, 2), weighted) for i in range(2)]
-    for key in whole:
-      np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
-
-
-def test_uniform_batches_visit_every_example_once_per_epoch():
-  rows = np.concatenate([labelled.batch_rows(12, 4, 7, b) for b in range(6)])
-  assert sorted(rows[:12]) == list(range(12)) and sorted(rows[12:]) == list(range(12))
-  assert list(rows[:12]) != list(rows[12:])
-
-
-def test_weights_favour_rare_labels():
-  targets = np.array([[1, 0], [1, 0], [1, 0], [0, 1], [1, 1]], np.float32)
-  weights = labelled.example_weights(targets)
-  np.testing.assert_allclose(weights, [1000 / 4.01] * 3 + [1000 / 2.01, 1000 / 4.01 + 1000 / 2.01])
-  rows = labelled.batch_rows(5, 4000, 0, 0, weights)
-  assert (rows == 3).mean() > (rows == 0).mean()
 
 
 def test_label_outside_the_vocabulary_is_one_line(tmp_path):

@@ -1,4 +1,5 @@
-"""The prepare_dataset CLI end to end: counts printed, report written, a rerun reuses the build."""
+"""The prepare_dataset CLI end to end: counts printed, report written, a rerun reuses the build,
+the label index of an AudioSet-layout build."""
 import json
 import pathlib
 import subprocess
@@ -64,3 +65,29 @@ def test_cli_builds_parts_separately_then_merges_them(tmp_path):
   report = json.loads((out / "audio_logmel" / "1.1.0" / "report.json").read_text())
   assert report["parts"] == 2 and report["written_per_split"] == {"eval": 1, "train": 5}
   assert not (out / "parts").exists()
+
+
+def test_cli_writes_a_label_index_of_the_csv_labels(tmp_path):
+  audio_dir = tmp_path / "audio"
+  audio_dir.mkdir()
+  t = np.arange(8000) / 16000
+  rng = np.random.default_rng(0)
+  rows, expected = [], {}
+  for i in range(8):
+    ytid = f"yt{i:09d}"
+    labels = sorted({int(c) for c in rng.integers(0, 4, size=1 + i % 3)})
+    expected[ytid] = labels
+    sf.write(audio_dir / f"Y{ytid}.wav", 0.3 * np.sin(2 * np.pi * 200 * (i + 1) * t), 16000)
+    rows.append(f'{ytid}, 0.000, 0.500, "{",".join(f"/m/{c}" for c in labels)}"')
+  (tmp_path / "train_segments.csv").write_text("\n".join(["# YTID, start, end, labels"] + rows))
+  (tmp_path / "classes.csv").write_text(
+      "index,mid,display_name\n" + "".join(f"{c},/m/{c},class {c}\n" for c in range(4)))
+  out = tmp_path / "out"
+  _run(f"--audio_dir={audio_dir}", f"--output_dir={out}", "--num_workers=0",
+       f"--segments_csv={tmp_path / 'train_segments.csv'}",
+       f"--labels_csv={tmp_path / 'classes.csv'}")
+  with np.load(out / "audio_logmel" / "1.1.0" / "labels-train.npz") as index:
+    ids, offsets, classes = index["ids"], index["offsets"], index["classes"]
+  assert sorted(i.decode() for i in ids) == sorted(expected)
+  for row, ytid in enumerate(ids):
+    assert classes[offsets[row]:offsets[row + 1]].tolist() == expected[ytid.decode()]

@@ -8,6 +8,11 @@ empty without labels). Splits 'train' and 'eval' as `audiomaepp.data.sources` as
 Records are uncompressed (reading is a third of the cost of zstd's, for ~25 % more disk) and
 written in TFDS's deterministic key-hash order, so the same inputs give identical shards.
 
+Label index: a labelled build also writes, per split, `labels-<split>.npz` beside the shards: the
+records' ids and class lists in record order (`LabelIndex`), so fine-tuning reads a split's labels
+without reading its clips. A reused build that lacks it (built before it existed) gets it from
+one pass over its records.
+
 Bad inputs never stop a build: `report.json` next to the shards lists each skipped file with its
 split and reason, counts the files seen, written and skipped, and the conversions applied
 (resampling, downmixing). A split whose files were all skipped is not written: it is listed in
@@ -21,6 +26,7 @@ the records of a one-machine build, in the same order.
 """
 import collections
 from concurrent import futures
+import dataclasses
 import functools
 import itertools
 import json
@@ -28,7 +34,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from absl import logging
 from array_record.python import array_record_module
@@ -37,6 +43,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import hashing
 from tensorflow_datasets.core import writer as writer_lib
+from tensorflow_datasets.proto import tf_example_pb2
 import tqdm
 
 from audiomaepp.audio import features
@@ -48,6 +55,7 @@ REPORT_FILE = "report.json"
 PARTS_DIR = "parts"
 _ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
 _HASH_RANGE = 2**128  # TFDS key hashes are 128-bit MD5s
+LABEL_INDEX_FILE = "labels-{split}.npz"
 
 
 class _ArrayRecordWriter(writer_lib.ExampleWriter):
@@ -83,6 +91,7 @@ class AudioLogmel(tfds.core.GeneratorBasedBuilder):
     self._part = part
     self._progress = progress
     self._report = _Report()
+    self._written = collections.defaultdict(list)  # split -> (id, labels) of its records
     self._executor = None
     super().__init__(**kwargs)
 
@@ -151,6 +160,8 @@ class AudioLogmel(tfds.core.GeneratorBasedBuilder):
                     unit="file", disable=not self._progress)
     for result in bar:
       self._report.add(split, result)
+      if result.example is not None:
+        self._written[split].append((result.clip.id, result.clip.labels))
       bar.set_postfix(skipped=len(self._report.skipped), refresh=False)
       yield result
 
@@ -187,6 +198,10 @@ class AudioLogmel(tfds.core.GeneratorBasedBuilder):
     report = self._report.as_dict(sizes, part=self._part)
     for split, reason in report["empty_splits"].items():
       logging.warning("split %r is empty and was not written: %s", split, reason)
+    if self._sources.labels_csv:
+      for split in self.info.splits:
+        write_label_index(os.fspath(self.data_path), split,
+                          label_index(split, self._written[split]))
     (self.data_path / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
@@ -195,6 +210,90 @@ def in_part(split: str, key: str, part: tuple[int, int]) -> bool:
   (MD5 salted with the split name, which orders the records) falls in that part's hash range."""
   index, count = part
   return hashing.Hasher(split).hash_key(key) * count // _HASH_RANGE == index
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelIndex:
+  """The labels of a split's records, in record order: `ids` (n,) bytes; record i's class indices
+  are `classes[offsets[i]:offsets[i + 1]]` (`offsets` (n + 1,) int64, `classes` int32)."""
+  ids: np.ndarray
+  offsets: np.ndarray
+  classes: np.ndarray
+
+
+def label_index(split: str, records: Iterable[tuple[str, Sequence[int]]]) -> LabelIndex:
+  """The index of `split`'s records, given as (id, class indices) in any order: ordered as TFDS
+  writes them, by the key hash that `in_part` ranges over."""
+  hasher = hashing.Hasher(split)
+  ordered = sorted(records, key=lambda record: hasher.hash_key(record[0]))
+  return _index([record_id.encode() for record_id, _ in ordered],
+                [labels for _, labels in ordered])
+
+
+def _index(ids: list[bytes], labels: list[Sequence[int]]) -> LabelIndex:
+  """The index of records with `ids` and `labels`, in that order."""
+  offsets = np.zeros(len(labels) + 1, np.int64)
+  np.cumsum(np.fromiter(map(len, labels), np.int64, count=len(labels)), out=offsets[1:])
+  classes = np.fromiter(itertools.chain.from_iterable(labels), np.int32, count=int(offsets[-1]))
+  return LabelIndex(np.array(ids, dtype=np.bytes_), offsets, classes)
+
+
+def _concatenate(indexes: Sequence[LabelIndex]) -> LabelIndex:
+  """The index of the records of `indexes`, one after the other."""
+  starts = np.cumsum([0] + [len(index.classes) for index in indexes])
+  offsets = [index.offsets[1:] + start for index, start in zip(indexes, starts)]
+  return LabelIndex(np.concatenate([index.ids for index in indexes]),
+                    np.concatenate([np.zeros(1, np.int64)] + offsets),
+                    np.concatenate([index.classes for index in indexes]))
+
+
+def label_index_path(path: str, split: str) -> str:
+  """Where the label index of `split` of the dataset in directory `path` is."""
+  return os.path.join(path, LABEL_INDEX_FILE.format(split=split))
+
+
+def write_label_index(path: str, split: str, index: LabelIndex) -> None:
+  """Writes `index` beside the shards of the dataset in directory `path` (replaced atomically)."""
+  target = label_index_path(path, split)
+  staging = f"{target}.tmp-{os.getpid()}.npz"
+  np.savez(staging, ids=index.ids, offsets=index.offsets, classes=index.classes)
+  os.replace(staging, target)
+
+
+def read_label_index(path: str, split: str) -> Optional[LabelIndex]:
+  """The label index of `split` of the dataset in directory `path`; None when there is none."""
+  try:
+    with np.load(label_index_path(path, split), allow_pickle=False) as arrays:
+      return LabelIndex(arrays["ids"], arrays["offsets"], arrays["classes"])
+  except FileNotFoundError:
+    return None
+
+
+def label_index_from_records(source: Sequence[bytes], chunk: int = 1024) -> LabelIndex:
+  """The index of serialized records (`source`: a split's data source of raw bytes, in record
+  order), from one pass that reads only each record's id and labels."""
+  ids, labels = [], []
+  for start in range(0, len(source), chunk):
+    for serialized in source.__getitems__(range(start, min(start + chunk, len(source)))):
+      feature = tf_example_pb2.Example.FromString(serialized).features.feature
+      ids.append(feature["id"].bytes_list.value[0])
+      labels.append(list(feature["labels"].int64_list.value))  # not a view of the record
+  return _index(ids, labels)
+
+
+def write_missing_label_indexes(path: str) -> list[str]:
+  """Writes the label index of every split of the labelled dataset in directory `path` that has
+  none, from its records (`label_index_from_records`); returns those splits."""
+  builder = tfds.builder_from_directory(path)
+  if not builder.info.features["labels"].feature.names:
+    return []
+  missing = [split for split in builder.info.splits
+             if not os.path.exists(label_index_path(path, split))]
+  for split in missing:
+    source = builder.as_data_source(split=split,
+                                    deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    write_label_index(path, split, label_index_from_records(source))
+  return missing
 
 
 class _Report:
@@ -279,8 +378,9 @@ def build(sources: sources_lib.Sources, data_dir: str, *, num_workers: int = 0,
           part: tuple[int, int] = (0, 1)) -> tuple[AudioLogmel, dict]:
   """Builds (or reuses) the dataset `data_dir/audio_logmel/<version>`; returns it and its report.
 
-  An existing build is reused unless `overwrite`. `part=(i, n)` with n > 1 builds only part i
-  into `part_dir(data_dir, part)` (one shard per split); `merge_parts` assembles the parts.
+  An existing build is reused unless `overwrite` (a labelled one gets the label indexes it lacks).
+  `part=(i, n)` with n > 1 builds only part i into `part_dir(data_dir, part)` (one shard per
+  split); `merge_parts` assembles the parts.
   """
   index, count = part
   if not 0 <= index < count:
@@ -296,6 +396,9 @@ def build(sources: sources_lib.Sources, data_dir: str, *, num_workers: int = 0,
         download_dir=download_dir,
         download_config=tfds.download.DownloadConfig(
             download_mode=mode, try_download_gcs=False, num_shards=1 if count > 1 else None))
+  if sources.labels_csv:
+    for split in write_missing_label_indexes(os.fspath(builder.data_path)):
+      logging.info("wrote the label index of split %r of the existing build", split)
   return builder, read_report(str(builder.data_path))
 
 
@@ -330,6 +433,9 @@ def merge_parts(data_dir: str, num_parts: int) -> tuple[tfds.core.DatasetBuilder
     split_infos.append(tfds.core.SplitInfo(
         name=split, shard_lengths=[n for _, info in built for n in info.shard_lengths],
         num_bytes=sum(info.num_bytes for _, info in built), filename_template=template))
+    indexes = [read_label_index(path, split) for path, _ in built]
+    if all(index is not None for index in indexes):  # parts are consecutive key-hash ranges
+      write_label_index(staging, split, _concatenate(indexes))
   info = infos[0]
   info.set_splits(tfds.core.SplitDict(split_infos))
   info.write_to_directory(staging)
@@ -338,6 +444,7 @@ def merge_parts(data_dir: str, num_parts: int) -> tuple[tfds.core.DatasetBuilder
     f.write(json.dumps(report, indent=2) + "\n")
   os.rename(staging, target)
   shutil.rmtree(os.path.join(data_dir, PARTS_DIR))
+  write_missing_label_indexes(target)  # parts built without one
   return tfds.builder_from_directory(target), report
 
 

@@ -4,41 +4,263 @@ Two sources (`open_labelled`): a HEAR 2021 task folder (`config.data.source='hea
 `config.data.task_dir`; single- or multi-label as its metadata says), whose splits are decoded
 once into per-clip log-mels standardised per clip, as the HEAR API feeds the encoder; or the
 TFDS shards `tools.prepare_dataset --labels_csv` writes from AudioSet's CSVs
-(`config.data.source='tfds'`, `config.data.data_dir`; multi-label), whose clips stay on disk and
-are read per batch (only their labels are read at the start, in one pass over the split). Targets
-are multi-hot over the classes. Global batches depend only on the
-seed, the split, the batch size and the batch index (never on the number of hosts): batch b
-takes the rows b·B .. b·B + B - 1 of a stream of epoch permutations (or, with weighted
-sampling, B draws with replacement), and row r of batch b is cropped with its own generator
-seeded by (seed, b, r). Each host builds only its block of rows.
+(`config.data.source='tfds'`, `config.data.data_dir`; multi-label), whose clips stay on disk:
+loading a split reads only the label index written beside the shards (`builders.LabelIndex`;
+shards built without one have their labels read from every record, with a warning).
+
+Labels are sparse (`Labels`: each clip's class indices); dense multi-hot targets exist per batch,
+or for a whole split on demand (`LabelledSplit.targets`, for scoring evaluation splits).
+
+Training batches (`train_iterator`) come from a Grain pipeline like pretraining's
+(`pipeline.create_dataset`). Global position p of an endless stream picks a clip: the p-th row of
+a stream of epoch permutations (Grain's shuffle, a new order every epoch) or, with weighted
+sampling, a draw with probability proportional to `example_weights` (`WeightedSampler`: the
+cumulative weights are computed once per split, each draw is a binary search); the clip is
+cropped with Grain's generator of position p. Global batch b is positions b·B .. b·B + B - 1, so
+it depends only on the dataset, the split, the seed, B, b and the sampling, never on the number
+of hosts or of worker processes; each host reads only its block of rows, and a run resumes at
+any batch index. Stored clips are read, decoded, cropped and batched in Grain worker processes
+(`pipeline.num_workers`); decoded HEAR clips, already in memory, in this process.
 """
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Optional
 
+from absl import logging
+import grain
 import ml_collections
 import numpy as np
 
 from audiomaepp.audio import features
 from audiomaepp.audio import io as audio_io
+from audiomaepp.data import builders
 from audiomaepp.data import pipeline
 from audiomaepp.errors import UserError
 from audiomaepp.evaluation import tasks as tasks_lib
 
-# Streams of the generators that draw batches, so that they never coincide.
-_PERMUTATION_STREAM, _WEIGHTED_STREAM, _CROP_STREAM = 1, 2, 3
+
+@dataclasses.dataclass(frozen=True)
+class Labels:
+  """Class lists of n clips: clip i's class indices are `classes[offsets[i]:offsets[i + 1]]`
+  (`offsets` (n + 1,) int64, `classes` int32, each in [0, num_classes))."""
+  offsets: np.ndarray
+  classes: np.ndarray
+  num_classes: int
+
+  def __post_init__(self):
+    offsets, classes = self.offsets, self.classes
+    if (offsets.ndim != 1 or not offsets.size or offsets[0] != 0
+        or offsets[-1] != classes.size or np.any(np.diff(offsets) < 0)):
+      raise ValueError(f"label offsets must rise from 0 to the {classes.size} class indices")
+    if classes.size and not 0 <= classes.min() <= classes.max() < self.num_classes:
+      raise ValueError(f"class indices must be in [0, {self.num_classes}), got "
+                       f"[{classes.min()}, {classes.max()}]")
+
+  @classmethod
+  def from_lists(cls, lists: Sequence[Sequence[int]], num_classes: int) -> "Labels":
+    """From each clip's class indices."""
+    offsets = np.zeros(len(lists) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, lists), np.int64, count=len(lists)), out=offsets[1:])
+    classes = np.fromiter((c for row in lists for c in row), np.int32, count=int(offsets[-1]))
+    return cls(offsets, classes, num_classes)
+
+  @classmethod
+  def concatenate(cls, parts: Sequence["Labels"]) -> "Labels":
+    """The clips of `parts`, one after the other."""
+    starts = np.cumsum([0] + [part.classes.size for part in parts])
+    offsets = [part.offsets[1:] + start for part, start in zip(parts, starts)]
+    return cls(np.concatenate([np.zeros(1, np.int64)] + offsets),
+               np.concatenate([part.classes for part in parts]), parts[0].num_classes)
+
+  def __len__(self) -> int:
+    return self.offsets.size - 1
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    """Class indices of clip `index`."""
+    return self.classes[self.offsets[index]:self.offsets[index + 1]]
+
+  @property
+  def nbytes(self) -> int:
+    return self.offsets.nbytes + self.classes.nbytes
+
+  def counts(self) -> np.ndarray:
+    """Clips per class (num_classes,)."""
+    return np.bincount(self.classes, minlength=self.num_classes)
+
+  def dense(self, rows: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Multi-hot targets (len(rows), num_classes) float32 of clips `rows` (default: all)."""
+    rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
+    starts, sizes = self.offsets[rows], np.diff(self.offsets)[rows]
+    owner = np.repeat(np.arange(rows.size), sizes)
+    positions = np.arange(owner.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    targets = np.zeros((rows.size, self.num_classes), np.float32)
+    targets[owner, self.classes[np.repeat(starts, sizes) + positions]] = 1.0
+    return targets
+
+
+class _RecordClips(Sequence):
+  """The clips of a split of TFDS shards, read from `source` (serialized records) when used."""
+  in_memory = False
+
+  def __init__(self, source: Any):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    record = pipeline.decode_record(self._source[int(index)])
+    return pipeline.standardized_crop(record, record["spectrogram"].shape[0])
+
+  def example(self, index: int, crop_frames: int,
+              rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(standardised crop (crop_frames, mel) float32 (`pipeline.crop`: random with `rng`, else
+    the centre), class indices) of clip `index`: the record's own labels, so that workers need
+    no label index."""
+    record = pipeline.decode_record(self._source[int(index)])
+    return (pipeline.standardized_crop(record, crop_frames, rng),
+            np.asarray(record["labels"], np.int64))
+
+
+class _DecodedClips(Sequence):
+  """Clips decoded into memory: per-clip standardised log-mels (frames, mel) and their labels."""
+  in_memory = True
+
+  def __init__(self, spectrograms: Sequence[np.ndarray], labels: Labels):
+    self._spectrograms = spectrograms
+    self._labels = labels
+
+  def __len__(self) -> int:
+    return len(self._spectrograms)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    return self._spectrograms[index]
+
+  def example(self, index: int, crop_frames: int,
+              rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, np.ndarray]:
+    """As `_RecordClips.example`."""
+    return (pipeline.crop(self._spectrograms[index], crop_frames, rng).astype(np.float32),
+            self._labels[index])
+
+
+class _JoinedClips(Sequence):
+  """Clip sequences (`_RecordClips`, `_DecodedClips`) one after the other, without copying."""
+
+  def __init__(self, parts: list[Sequence]):
+    self._parts = parts
+    self._ends = np.cumsum([len(p) for p in parts])
+
+  def __len__(self) -> int:
+    return int(self._ends[-1])
+
+  def _locate(self, index: int) -> tuple[Sequence, int]:
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    part = int(np.searchsorted(self._ends, index, side="right"))
+    return self._parts[part], index - (int(self._ends[part - 1]) if part else 0)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    part, index = self._locate(index)
+    return part[index]
+
+  @property
+  def in_memory(self) -> bool:
+    return all(part.in_memory for part in self._parts)
+
+  def example(self, index: int, crop_frames: int,
+              rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, np.ndarray]:
+    """As `_RecordClips.example`."""
+    part, index = self._locate(index)
+    return part.example(index, crop_frames, rng)
+
+
+class _Ids(Sequence):
+  """Record ids stored as bytes (`ids` (n,)), decoded when read."""
+
+  def __init__(self, ids: np.ndarray):
+    self.ids = ids
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  @property
+  def nbytes(self) -> int:
+    return self.ids.nbytes
+
+  def __getitem__(self, index: int | slice) -> str | list[str]:
+    if isinstance(index, slice):
+      return [name.decode() for name in self.ids[index]]
+    return self.ids[index].decode()
+
+
+def example_weights(labels: Labels) -> np.ndarray:
+  """Sampling weight (n,) float64 of each clip for imbalanced multi-label sets: the sum over its
+  labels of 1000 / (label count + 0.01), as AST's `gen_weight_file.py` (AudioMAE's
+  `--weight_csv`)."""
+  label_weight = 1000.0 / (labels.counts() + 0.01)
+  owner = np.repeat(np.arange(len(labels)), np.diff(labels.offsets))
+  return np.bincount(owner, weights=label_weight[labels.classes], minlength=len(labels))
+
+
+class WeightedSampler(grain.transforms.RandomMap):
+  """Global position -> a clip drawn with probability proportional to its `example_weights`.
+
+  The cumulative weights are computed once; a draw is one uniform number from Grain's generator
+  of the position and a binary search: O(log n).
+  """
+
+  def __init__(self, labels: Labels):
+    self._cumulative = np.cumsum(example_weights(labels))
+    if not self._cumulative.size or self._cumulative[-1] <= 0:
+      raise UserError("weighted sampling needs clips with labels; this split has none")
+
+  @property
+  def nbytes(self) -> int:
+    return self._cumulative.nbytes
+
+  def draw(self, uniform: np.ndarray) -> np.ndarray:
+    """Clips for uniform numbers in [0, 1)."""
+    clips = np.searchsorted(self._cumulative, uniform * self._cumulative[-1], side="right")
+    return np.minimum(clips, self._cumulative.size - 1)
+
+  def random_map(self, position: int, rng: np.random.Generator) -> int:
+    del position
+    return int(self.draw(rng.random()))
 
 
 @dataclasses.dataclass(frozen=True)
 class LabelledSplit:
-  """One split: per-clip standardised log-mels (frames, mel), targets (n, classes) float32, and
-  the clips' names (file names or record ids)."""
-  spectrograms: Sequence[np.ndarray]
-  targets: np.ndarray
-  files: list[str]
+  """One split: its clips (`spectrograms[i]`: clip i's per-clip standardised log-mel
+  (frames, mel) float32, read when indexed), their labels and names (file names or record ids)."""
+  spectrograms: Sequence[np.ndarray]  # _RecordClips, _DecodedClips or _JoinedClips
+  labels: Labels
+  files: Sequence[str]
+
+  def __post_init__(self):
+    if not len(self.spectrograms) == len(self.labels) == len(self.files):
+      raise ValueError(f"{len(self.spectrograms)} clips, {len(self.labels)} label lists and "
+                       f"{len(self.files)} names")
+
+  @classmethod
+  def decoded(cls, spectrograms: Sequence[np.ndarray], labels: Labels,
+                files: Sequence[str]) -> "LabelledSplit":
+    """A split of clips held in memory as per-clip standardised log-mels (frames, mel)."""
+    return cls(_DecodedClips(spectrograms, labels), labels, files)
 
   def __len__(self) -> int:
-    return len(self.spectrograms)
+    return len(self.labels)
+
+  @property
+  def targets(self) -> np.ndarray:
+    """Dense multi-hot targets (n, classes) float32, built on each access: for scoring
+    evaluation splits (AudioSet's eval: 20K x 527 floats), not for training splits."""
+    return self.labels.dense()
+
+  @functools.cached_property
+  def sampler(self) -> WeightedSampler:
+    """The weighted sampler of this split, computed on first use."""
+    return WeightedSampler(self.labels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,31 +288,15 @@ class LabelledSet:
     parts = [self.loader(name) for name in names]
     if len(parts) == 1:
       return parts[0]
-    return LabelledSplit(_Joined([p.spectrograms for p in parts]),
-                         np.concatenate([p.targets for p in parts]),
-                         [f for p in parts for f in p.files])
+    files = (_Ids(np.concatenate([p.files.ids for p in parts]))
+             if isinstance(parts[0].files, _Ids) else [f for p in parts for f in p.files])
+    return LabelledSplit(_JoinedClips([p.spectrograms for p in parts]),
+                         Labels.concatenate([p.labels for p in parts]), files)
 
 
 def split_names(split: str) -> list[str]:
   """'fold00, fold01' -> ['fold00', 'fold01']."""
   return [name.strip() for name in split.split(",") if name.strip()]
-
-
-class _Joined(Sequence):
-  """Sequences one after the other, without copying them."""
-
-  def __init__(self, parts: list[Sequence]):
-    self._parts = parts
-    self._ends = np.cumsum([len(p) for p in parts])
-
-  def __len__(self) -> int:
-    return int(self._ends[-1])
-
-  def __getitem__(self, index: int) -> np.ndarray:
-    if not 0 <= index < len(self):
-      raise IndexError(index)
-    part = int(np.searchsorted(self._ends, index, side="right"))
-    return self._parts[part][index - (int(self._ends[part - 1]) if part else 0)]
 
 
 def open_labelled(data_config: ml_collections.ConfigDict) -> LabelledSet:
@@ -127,31 +333,27 @@ def open_labelled(data_config: ml_collections.ConfigDict) -> LabelledSet:
                   "folder ('hear') or labelled TFDS shards ('tfds')")
 
 
-class _StoredSpectrograms(Sequence):
-  """The clips of a split of TFDS shards, read and standardised when indexed."""
-
-  def __init__(self, source: Any):
-    self._source = source
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int) -> np.ndarray:
-    record = pipeline.decode_record(self._source[int(index)])
-    return pipeline.standardized_crop(record, record["spectrogram"].shape[0])
-
-
 def load_records(data_config: ml_collections.ConfigDict, split: str,
                  classes: int) -> LabelledSplit:
-  """A split of labelled TFDS shards: its labels now (one pass), its clips when indexed."""
+  """A split of labelled TFDS shards: its label index now, its clips when read."""
+  location = pipeline.dataset_path(data_config)
   source = pipeline.record_source(data_config, split)
-  targets = np.zeros((len(source), classes), np.float32)
-  ids = []
-  for row in range(len(source)):
-    record = pipeline.decode_record(source[row])
-    targets[row, np.asarray(record["labels"], np.int64)] = 1.0
-    ids.append(record["id"].decode())
-  return LabelledSplit(_StoredSpectrograms(source), targets, ids)
+  index = builders.read_label_index(location, split)
+  if index is None:
+    logging.warning("%s has no label index of split %r: reading the labels of its %d records "
+                    "(slow for large splits); run `python -m audiomaepp.tools.prepare_dataset` "
+                    "again with the flags that built it to write the index", location, split,
+                    len(source))
+    index = builders.label_index_from_records(source)
+  if len(index.ids) != len(source):
+    raise UserError(f"{builders.label_index_path(location, split)} lists {len(index.ids)} clips, "
+                    f"split {split!r} has {len(source)}: rebuild with `python -m "
+                    "audiomaepp.tools.prepare_dataset ... --overwrite`")
+  try:
+    labels = Labels(index.offsets, index.classes, classes)
+  except ValueError as e:
+    raise UserError(f"{builders.label_index_path(location, split)}: {e}") from None
+  return LabelledSplit(_RecordClips(source), labels, _Ids(index.ids))
 
 
 def load_split(task: tasks_lib.HearTask, split: str) -> LabelledSplit:
@@ -163,9 +365,8 @@ def load_split(task: tasks_lib.HearTask, split: str) -> LabelledSplit:
   if not data.files:
     raise UserError(f"split {split!r} of {task.task_dir} has no clips")
   index = {label: i for i, label in enumerate(task.vocabulary)}
-  targets = np.zeros((len(data.files), len(task.vocabulary)), np.float32)
-  for row, labels in enumerate(data.labels):
-    targets[row, [index[label] for label in labels]] = 1.0
+  labels = Labels.from_lists([[index[label] for label in row] for row in data.labels],
+                             len(task.vocabulary))
   spectrograms = []
   for path in data.paths:
     try:
@@ -173,59 +374,83 @@ def load_split(task: tasks_lib.HearTask, split: str) -> LabelledSplit:
       spectrograms.append(features.log_mel(waveform, normalize=True))
     except (audio_io.AudioError, ValueError) as e:
       raise UserError(f"{path}: {e}") from None
-  return LabelledSplit(spectrograms, targets, list(data.files))
+  return LabelledSplit.decoded(spectrograms, labels, list(data.files))
 
 
-def example_weights(targets: np.ndarray) -> np.ndarray:
-  """Sampling weight of each example for imbalanced multi-label sets: the sum over its labels
-  of 1000 / (label count + 0.01), as AST's `gen_weight_file.py` (AudioMAE's `--weight_csv`)."""
-  label_weight = 1000.0 / (targets.sum(axis=0) + 0.01)
-  return (targets * label_weight).sum(axis=1)
+def train_rows(split: LabelledSplit, seed: int, weighted: bool = False) -> grain.MapDataset:
+  """The clip (an index into `split`) at each global position of the training stream, forever.
 
-
-def batch_rows(num_examples: int, batch_size: int, seed: int, batch_index: int,
-               weights: np.ndarray | None = None) -> np.ndarray:
-  """Example indices (batch_size,) of global batch `batch_index`.
-
-  Uniform: consecutive rows of a stream of permutations (epoch e shuffled by (seed, e)), so
-  every example is seen once per epoch. Weighted: draws with replacement with probability
-  proportional to `weights`, from a generator seeded by (seed, batch_index).
+  Uniform: epoch e is a permutation of the clips (Grain's shuffle, seeded by `seed` and e), so
+  every clip is seen once per epoch. Weighted: independent draws by `split.sampler`, with
+  Grain's generator of the position.
   """
-  if weights is not None:
-    rng = np.random.default_rng([seed, _WEIGHTED_STREAM, batch_index])
-    return rng.choice(num_examples, batch_size, p=weights / weights.sum())
-  positions = batch_index * batch_size + np.arange(batch_size)
-  epochs, offsets = np.divmod(positions, num_examples)
-  rows = np.empty(batch_size, np.int64)
-  for epoch in np.unique(epochs):
-    order = np.random.default_rng([seed, _PERMUTATION_STREAM, int(epoch)]).permutation(
-        num_examples)
-    rows[epochs == epoch] = order[offsets[epochs == epoch]]
-  return rows
+  rows = grain.MapDataset.range(len(split)).seed(seed)
+  if weighted:
+    return rows.repeat().random_map(split.sampler)
+  return rows.shuffle().repeat()
+
+
+class _TrainExample(grain.transforms.RandomMap):
+  """Clip index -> {'spectrogram': a standardised random crop (crop_frames, mel) float32,
+  'targets': multi-hot (classes,) float32}."""
+
+  def __init__(self, clips: Any, crop_frames: int, num_classes: int):
+    self._clips = clips
+    self._crop_frames = crop_frames
+    self._num_classes = num_classes
+
+  def random_map(self, clip: int, rng: np.random.Generator) -> dict:
+    spectrogram, classes = self._clips.example(clip, self._crop_frames, rng)
+    targets = np.zeros(self._num_classes, np.float32)
+    targets[classes] = 1.0
+    return {"spectrogram": spectrogram, "targets": targets}
 
 
 def host_rows(block: tuple[int, int], batch_size: int) -> tuple[int, int]:
   """(first row, rows) of this host in a global batch, from `pipeline.host_block`'s (index,
   count of equal blocks)."""
   index, count = block
-  if batch_size % count:
+  if batch_size <= 0 or batch_size % count:
     raise ValueError(f"batch size {batch_size} is not divisible into {count} host blocks")
   rows = batch_size // count
   return index * rows, rows
 
 
+def host_batches(split: LabelledSplit, crop_frames: int, batch_size: int, seed: int,
+                 block: tuple[int, int], weighted: bool = False,
+                 first_batch: int = 0) -> grain.MapDataset:
+  """This host's rows (`block`: `pipeline.host_block`) of global training batches
+  `first_batch`, `first_batch + 1`, ...: 'spectrogram' (rows, crop_frames, mel) float32 random
+  crops and 'targets' (rows, classes) float32 multi-hot."""
+  index, count = block
+  _, rows = host_rows(block, batch_size)
+  examples = train_rows(split, seed, weighted).random_map(
+      _TrainExample(split.spectrograms, crop_frames, split.labels.num_classes))
+  return examples.batch(rows, drop_remainder=True)[first_batch * count + index::count]
+
+
+def train_iterator(split: LabelledSplit, data_config: ml_collections.ConfigDict, *,
+                   batch_size: int, seed: int, first_batch: int = 0,
+                   block: tuple[int, int] = (0, 1), weighted: bool = False,
+                   num_classes: Optional[int] = None) -> grain.DatasetIterator:
+  """Iterates over `host_batches` (crops of `data_config.crop_frames`), read ahead as
+  pretraining's batches are: stored clips in `pipeline.num_workers(data_config)` Grain worker
+  processes, clips in memory in this process. `num_classes`, when given, must be the split's.
+  `close()` it to stop its worker processes."""
+  if num_classes is not None and num_classes != split.labels.num_classes:
+    raise ValueError(f"num_classes={num_classes}, but the split's labels have "
+                     f"{split.labels.num_classes} classes")
+  batches = host_batches(split, data_config.crop_frames, batch_size, seed, block, weighted,
+                         first_batch)
+  workers = 0 if split.spectrograms.in_memory else pipeline.num_workers(data_config)
+  return iter(pipeline.read_ahead(batches, data_config, workers))
+
+
 def train_batch(split: LabelledSplit, crop_frames: int, batch_size: int, seed: int,
                 batch_index: int, block: tuple[int, int], weighted: bool = False) -> dict:
-  """This host's rows (`block`: `pipeline.host_block`) of training batch `batch_index`:
-  'spectrogram' (rows, crop_frames, mel) float32 random crops and 'targets' (rows, classes)."""
-  weights = example_weights(split.targets) if weighted else None
-  rows = batch_rows(len(split), batch_size, seed, batch_index, weights)
-  start, count = host_rows(block, batch_size)
-  crops = [pipeline.crop(split.spectrograms[rows[r]], crop_frames,
-                         np.random.default_rng([seed, _CROP_STREAM, batch_index, r]))
-           for r in range(start, start + count)]
-  return {"spectrogram": np.stack(crops).astype(np.float32),
-          "targets": split.targets[rows[start:start + count]]}
+  """This host's rows of training batch `batch_index`, made in this process: the batch that
+  `train_iterator` yields for it."""
+  return host_batches(split, crop_frames, batch_size, seed, block, weighted, batch_index)[0]
 
 
 def eval_batches(split: LabelledSplit, crop_frames: int, batch_size: int,
@@ -238,7 +463,7 @@ def eval_batches(split: LabelledSplit, crop_frames: int, batch_size: int,
     ids = np.arange(first, first + batch_size)
     valid = ids < len(split)
     ids = np.where(valid, ids, 0)[start:start + count]
-    yield {"spectrogram": np.stack([pipeline.crop(split.spectrograms[i], crop_frames)
-                                    for i in ids]).astype(np.float32),
-           "targets": split.targets[ids],
+    yield {"spectrogram": np.stack([split.spectrograms.example(i, crop_frames)[0]
+                                    for i in ids]),
+           "targets": split.labels.dense(ids),
            "valid": valid[start:start + count].astype(np.float32)}

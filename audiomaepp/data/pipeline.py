@@ -301,6 +301,22 @@ def create_dataset(data_config: ml_collections.ConfigDict, *, split: str, batch_
   return dataset
 
 
+def read_ahead(dataset: grain.MapDataset, data_config: ml_collections.ConfigDict,
+               workers: int) -> grain.IterDataset:
+  """`dataset` (of host batches) read as `create_dataset` reads: `data_config.read_threads`
+  threads and `read_buffer_size` batches ahead per process, in `workers` Grain worker processes
+  (0: this process) that buffer `prefetch_buffer_size` batches each."""
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=data_config.read_threads, prefetch_buffer_size=data_config.read_buffer_size))
+  if workers > 0:
+    worker_memory.start_tracker_in_own_session()
+    dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers,
+                                     per_worker_buffer_size=data_config.prefetch_buffer_size),
+        worker_init_fn=_start_worker)
+  return dataset
+
+
 def _start_worker(worker_index: int, worker_count: int) -> None:
   """Runs in each Grain worker process before it makes batches (see worker_memory)."""
   del worker_index, worker_count

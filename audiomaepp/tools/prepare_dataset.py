@@ -9,7 +9,10 @@ AudioSet layout (labels from the segment CSVs; splits from the CSV names or SPLI
     --labels_csv=class_labels_indices.csv --num_workers=16
 
 Train on it with `config.data.source = 'tfds'` and `config.data.data_dir = OUT`. Bad files are
-skipped and listed in OUT/audio_logmel/<version>/report.json.
+skipped and listed in OUT/audio_logmel/<version>/report.json. With --labels_csv, each split's
+label index (`labels-<split>.npz`: record ids and class lists) is written beside the shards, so
+fine-tuning reads labels without reading clips; run again on a build that lacks it (same flags),
+prepare_dataset writes it from the records without encoding anything.
 
 On many machines (docs/data.md): run each part, anywhere the folders are mounted, then merge:
   python -m audiomaepp.tools.prepare_dataset ... --num_parts=64 --part=I   # I = 0..63
