@@ -68,7 +68,7 @@ def data_config() -> ml_collections.ConfigDict:
 
 def base_config(size: Optional[str] = "base", block: str = "plusplus"
                 ) -> ml_collections.ConfigDict:
-  """A full pretraining config with the paper's optimisation (SPEC §5)."""
+  """A full pretraining config with the paper's optimisation (docs/reference.md#optimisation)."""
   c = ml_collections.ConfigDict()
   c.model = model_config(size, block)
   c.data = data_config()

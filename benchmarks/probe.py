@@ -2,11 +2,11 @@ r"""Wall time of the HEAR probe: all seeds x grid points of one generated task i
 
     python benchmarks/probe.py [--per_class=30] [--seeds=10] [--dim=960] [--output_json=FILE]
 
-Generates the keyword-spotting task with ../shared/evalsuite/make_suite.py (or reads
---tasks_dir/kws-v1), embeds every clip as the means of its log-mel spectrogram (SPEC §1) over
-dim / 80 time segments (960 = the width of AudioMAE++ Tiny features), then times
-`probe.train_probes` with the paper's protocol: the first call (compilation + training) and a
-second call (training only).
+Generates the keyword-spotting task with ../shared/evalsuite/make_suite.py (a generator of small
+HEAR-format tasks kept outside the repository), or reads --tasks_dir/kws-v1; embeds every clip
+as the means of its log-mel spectrogram (docs/reference.md#features) over dim / 80 time
+segments (960 = the width of AudioMAE++ Tiny features), then times `probe.train_probes` with the
+paper's protocol: the first call (compilation + training) and a second call (training only).
 """
 import json
 import pathlib

@@ -77,8 +77,10 @@ _STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: the confi
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", None, "Corpus size (default: the config's, x scale).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the corpus is built (default: cache).")
 _TREND_STEPS = flags.DEFINE_list(
-    "trend_steps", [], "Also probe both pretrained models at these checkpoint steps (the config "
-    "keeps steps 100, 200, 300): does the score still rise with the budget?")
+    "trend_steps", [], "Also probe both pretrained models at these checkpoint steps (the trend "
+    "adds the final step itself): does the score still rise with the steps? With the default "
+    "steps, configs/study.py keeps 4 checkpoints, one every 250 x --scale steps: 250, 500, 750, "
+    "1000 at --scale=1; 500, 1000, 1500, 2000 at --scale=2.")
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Run nothing: write the report from what is done (the rest: 'pending').")
 _TREND_SEEDS = flags.DEFINE_integer(

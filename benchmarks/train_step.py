@@ -75,7 +75,8 @@ _MEMORY_GB = flags.DEFINE_float("memory_gb", 78.0, "Device memory in GiB for the
 _GRANULE = flags.DEFINE_integer("batch_granule", 64, "--max_batch rounds to multiples of this.")
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the results as JSON here.")
 
-# AudioSet train clips of the MW-MAE config (SPEC §2); only the learning-rate schedule uses it.
+# AudioSet train clips of the MW-MAE config (docs/reference.md#data); only the learning-rate
+# schedule uses it.
 AUDIOSET_TRAIN_CLIPS = 2_051_308
 GIB = 2 ** 30
 

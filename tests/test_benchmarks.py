@@ -1,8 +1,8 @@
 """Smoke tests of the benchmark scripts: each runs at toy sizes on CPU and reports what it claims.
 
 Timings are never asserted. The checks compare the reported numbers with independent references:
-XLA's FLOP count of the compiled step against the analytic one, the SPEC's chunking of 10-s clips
-and embedding width, the arithmetic behind rates, MFU and the largest-batch estimate, and the
+XLA's FLOP count of the compiled step against the analytic one, the HEAR API's chunking of 10-s
+clips and embedding width, the arithmetic behind rates, MFU and the largest-batch estimate, and the
 flags gpu_suite.sh passes against the flags each script defines.
 """
 import json
@@ -102,7 +102,7 @@ def test_embed_reports_clips_per_second_of_ten_second_clips(runs):
   stdout, record = runs.result("embed")
   assert "| clips/call |" in stdout
   (result,) = record["results"]
-  # SPEC §6: 10 s -> 1001 frames -> 6 chunks of 200; features 5 x width per frame.
+  # 10 s -> 1001 frames -> 6 chunks of 200; features 5 x width per frame (docs/reference.md).
   assert result["chunks_per_clip"] == 6
   assert result["chunks_encoded"] == 16  # 12 chunks, bucketed to a power of two
   assert result["embedding_shape"] == [2, 5 * 32] and result["embeddings_finite"]

@@ -1,4 +1,4 @@
-"""Experiment configs: they resolve to SPEC's models, bad model configs fail clearly."""
+"""Experiment configs: they resolve to the original's models, bad model configs fail clearly."""
 import dataclasses
 import json
 import os
@@ -18,7 +18,8 @@ from conftest import experiment_config
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
 
-# SPEC §3: encoder (width, depth, heads), decoder (width, depth, heads), blocks.
+# docs/reference.md#sizes-and-parameter-counts: encoder (width, depth, heads), decoder (width,
+# depth, heads), blocks.
 EXPECTED = {
     "tiny": ((192, 12, 3), (384, 4, 8), "plusplus"),
     "base": ((768, 12, 12), (384, 4, 8), "plusplus"),
@@ -28,7 +29,8 @@ EXPECTED = {
     "mae_tiny": ((192, 12, 3), (384, 4, 8), "vit"),
     "mae_base": ((768, 12, 12), (384, 4, 8), "vit"),
 }
-# SPEC §3 parameter counts of the original: total, trainable, encoder.
+# Parameter counts of the original (docs/reference.md#sizes-and-parameter-counts): total,
+# trainable, encoder.
 PARAMETER_COUNTS = {
     "tiny": (21_003_776, 20_859_200, 8_921_856),
     "base": (154_303_424, 154_014_272, 141_855_744),
@@ -71,7 +73,8 @@ def test_parameter_counts_equal_the_original(name):
 
 
 def test_base_flops_match_spec():
-  # SPEC §3: Base ≈ 20 GFLOP forward, ≈ 62 GFLOP per training sample.
+  # Base ≈ 20 GFLOP forward, ≈ 62 GFLOP per training sample
+  # (docs/reference.md#sizes-and-parameter-counts).
   assert 19.5e9 < models.forward_flops_per_sample(_model("base")) < 21.5e9
   assert 60e9 < models.train_flops_per_sample(_model("base")) < 64e9
 

@@ -20,7 +20,7 @@ BO = "beijing_opera-v1.0-hear2021-full"  # a HEAR name, so the paper's BO column
 
 
 def _logmel_segment_means(path, segments=4):
-  """A simple real embedding: means of the SPEC log-mel over `segments` time segments."""
+  """A simple real embedding: means of the log-mel over `segments` time segments."""
   logmel = audio.log_mel(audio.load_audio(path))
   return np.concatenate([s.mean(0) for s in np.array_split(logmel, segments)])
 

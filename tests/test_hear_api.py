@@ -35,7 +35,10 @@ def test_original_layout_matches_original_runtime(micro, hear_fixture, clip):
 
 
 def test_time_major_layout_regroups_the_same_tokens(micro, hear_fixture):
-  """Both layouts hold the same tokens; only which tokens form a frame differs (SPEC §6)."""
+  """Both layouts hold the same tokens; only which tokens form a frame differs.
+
+  docs/reference.md#quirks-of-the-original (b).
+  """
   audio = hear_fixture["audio__exact_2s"][None, :32000 - 160]  # 200 frames: exactly one chunk
   correct, _ = hear_api.get_timestamp_embeddings(audio, hear_api.from_variables(*micro))
   quirk, _ = hear_api.get_timestamp_embeddings(

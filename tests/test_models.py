@@ -94,7 +94,7 @@ def test_init_params_logical_axes_and_initialisation(scan_layers):
   assert shardings["encoder"][block_name]["swiglu"]["value"]["kernel"].spec == (
       jax.sharding.PartitionSpec(*(None,) * len(layers_axis), "fsdp", None))
 
-  # SPEC §4 initialisation.
+  # The original's initialisation (docs/reference.md#initialisation).
   block = layout.unstack_blocks(params)["encoder"]["block_0"]
   qkv = np.asarray(block["attn"]["qkv"]["kernel"])
   bound = np.sqrt(6 / (32 + 3 * 32))  # Xavier-uniform of the fused (3D, D) matrix
@@ -146,7 +146,8 @@ def test_encode_frame_layouts():
   for j in (0, 13, 49):  # the original's frame j: tokens j, 50 + j, ..., 200 + j
     np.testing.assert_array_equal(original[:, j],
                                   np.concatenate([sequence[:, f * 50 + j] for f in range(5)], -1))
-  # Scene embeddings of the original layout are 5 means over 10-step segments (SPEC §6).
+  # Scene embeddings of the original layout are 5 means over 10-step segments
+  # (docs/reference.md#quirks-of-the-original, b).
   np.testing.assert_allclose(original.mean(axis=1),
                              sequence.reshape(BATCH, 5, 50, 64).mean(axis=2).reshape(BATCH, 320),
                              atol=1e-5)

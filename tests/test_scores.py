@@ -92,7 +92,8 @@ def test_paper_table_recomputes_close_to_the_published_scores():
   assert large["overall"] == {"mean": 93.7, "ci": 0.2}
   means = {m["name"]: {t: m["scores"][t]["mean"] for t in ids} for m in table["models"]}
   recomputed = scores.normalized_scores(means, ids)
-  # SPEC §7: within ~1.5 of the paper's column for the top models (its pool had more runs).
+  # Within ~1.5 of the paper's column for the top models (its pool had more runs):
+  # docs/reference.md#probe-protocol.
   for m in table["models"]:
     if m["overall"]["mean"] > 50:
       assert abs(recomputed[m["name"]] - m["overall"]["mean"]) <= 1.5, m["name"]

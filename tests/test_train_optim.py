@@ -1,4 +1,4 @@
-"""The learning-rate schedule, the weight-decay mask and the optimiser (SPEC §5)."""
+"""The learning-rate schedule, the weight-decay mask and the optimiser (docs/reference.md)."""
 import json
 import math
 
@@ -32,7 +32,7 @@ def _optimizer(**overrides):
 
 
 def test_base_config_peak_learning_rate_is_spec():
-  # SPEC §5: 1.5e-4 x 1024 / 256 = 6e-4, times the accumulation steps.
+  # docs/reference.md#optimisation: 1.5e-4 x 1024 / 256 = 6e-4, times the accumulation steps.
   config = experiment_config("base")
   assert optim.peak_learning_rate(config) == pytest.approx(6e-4)
   config.grad_accum_steps = 4

@@ -1,4 +1,4 @@
-"""Log-mel spectrograms (SPEC §1): one definition for shard building, feature extraction, demo.
+"""Log-mel spectrograms: one definition for shard building, feature extraction, demo.
 
 16 kHz mono; STFT with n_fft 400, periodic Hann window of 400, hop 160, centred with reflect
 padding of 200 samples each side, power 2; 80 mel bins, HTK scale, 50-8000 Hz, no area
@@ -8,6 +8,7 @@ layout (time, mel). A clip of S samples gives 1 + S // 160 frames (2 s -> 201).
 Three implementations of the same function: `log_mel` (NumPy, in memory), `LogMelStream` /
 `log_mel_file` (NumPy, block by block, bounded memory for hour-long files) and `log_mel_jax`
 (batched, jit-able, for use on device). Tests hold all three to the original's torchaudio output.
+The numbers and their sources: docs/reference.md#features.
 """
 import functools
 import os

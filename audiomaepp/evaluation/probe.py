@@ -1,4 +1,4 @@
-"""The HEAR downstream probe (SPEC §7): every seed and grid point of a task in one JAX program.
+"""The HEAR downstream probe: every seed and grid point of a task in one JAX program.
 
 Probe: Linear(n_in -> 1024) -> BatchNorm -> Dropout(p) -> ReLU -> Linear(1024 -> classes), trained
 with Adam (lr 1e-4) on batches of 1024, validated every 3 epochs; training stops after 20 checks
@@ -6,6 +6,7 @@ without improvement of the primary validation metric (or at 500 epochs) and the 
 parameters are tested. This mirrors hear-eval-kit with the restricted grid p in {0.1, 0.25}:
 PyTorch `BatchNorm1d` (momentum 0.1, eps 1e-5, unbiased running variance), PyTorch `Linear` bias
 initialisation with Xavier-normal weights, no input normalisation, the last partial batch kept.
+The protocol and its sources: docs/reference.md#probe-protocol.
 
 All members (grid x seeds) are one `vmap` of a per-member `lax.while_loop`, so each member stops
 on its own (a stopped member keeps its state) and the loop ends when all have stopped.

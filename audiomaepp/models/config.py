@@ -29,7 +29,7 @@ _CHOICES = {"encoder_block": BLOCKS, "decoder_block": BLOCKS, "swiglu_norm": SWI
 REMAT_POLICIES = ("none", "full", "dots")
 
 
-# Encoder sizes (SPEC §3): width, depth, heads.
+# Encoder sizes (docs/reference.md#sizes-and-parameter-counts): width, depth, heads.
 ENCODER_SIZES = {
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),

@@ -162,7 +162,7 @@ def sincos_2d_table(dim: int, grid: tuple) -> np.ndarray:
   """Encoder table (1 + T·F, dim): zero cls row, then patches time-major.
 
   The first dim/2 channels encode the frequency patch index, the last dim/2 the time index
-  (MAE's layout, SPEC §3). Read-only float32.
+  (MAE's layout, docs/reference.md#model). Read-only float32.
   """
   time_index, freq_index = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
   table = np.concatenate([_sincos_1d(dim // 2, freq_index), _sincos_1d(dim // 2, time_index)],

@@ -1,4 +1,4 @@
-"""The masked autoencoder on log-mel patches (AudioMAE++ and vanilla MAE), SPEC §3.
+"""The masked autoencoder on log-mel patches (AudioMAE++ and vanilla MAE), docs/reference.md#model.
 
 Shapes for the default config: spectrogram (batch, 200 time, 80 mel) -> 4x16 patches on a
 50 x 5 grid, 250 tokens time-major (index = t·5 + f); 50 kept at mask ratio 0.8.

@@ -1,4 +1,4 @@
-r"""HEAR-style downstream evaluation of an embeddings directory (SPEC §7).
+r"""HEAR-style downstream evaluation of an embeddings directory (docs/reference.md#probe-protocol).
 
     python -m audiomaepp.tools.evaluate --embeddings_dir=OUT [--seeds=10] [--tasks=a,b] \
         [--order=shuffle|sorted|heareval] [--reference=paper] [--reference=other/scores.json] \
