@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU measurement of docs/performance.md in one `device` call (one H100: about 9 minutes).
+# Every GPU measurement of docs/performance.md in one command (one H100: about 9 minutes).
 #
 #   bash benchmarks/gpu_suite.sh fetch-wheels   # here, once: wheels of the packages the GPU image
 #                                               # lacks (grain, tfds, librosa, ...) into
 #                                               # build/gpu_wheels (pip download, about 20 MB)
-#   bash benchmarks/gpu_suite.sh run            # on the GPU machine: device `run` with
-#                                               # carry ["build/gpu_wheels"] and timeout_s 600
+#   bash benchmarks/gpu_suite.sh run            # on the GPU host, with build/gpu_wheels
+#                                               # copied along (within 10 minutes)
 #   SUITE_SMOKE=1 bash benchmarks/gpu_suite.sh run     # any machine: every section at toy sizes
 #   SUITE_DRY_RUN=1 bash benchmarks/gpu_suite.sh run   # print the commands only
 #
-# Results: $OUT (the device tool's folder; else SUITE_OUT, default build/gpu_suite) receives
+# Results: $OUT when set, else SUITE_OUT (default build/gpu_suite), receives
 # suite.log (everything printed) and suite.json (every section's JSON record, its exit status and
 # seconds), rewritten after each section so a run cut short still returns what it measured.
 # Sections run in priority order, each limited to the time left of SUITE_BUDGET_S (default 560 s);
@@ -27,7 +27,7 @@ elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
 else PY=python3
 fi
 
-# Distributions present in the GPU image ('cuda', device/KINDS.md, 2026-11-17) that the
+# Distributions present in the target CUDA image (Python 3.12, jax 0.11.2) that the
 # project's requirements need; everything else the requirements pull in is fetched as a wheel.
 IMAGE_HAS="absl-py attrs certifi charset-normalizer chex click cloudpickle contourpy cycler
 etils flax fonttools fsspec humanize idna jax jaxlib joblib kiwisolver lazy-loader llvmlite
@@ -189,7 +189,7 @@ if [[ $DRY_RUN != 1 ]]; then
     "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
                                                'optax', optax.__version__, jax.devices())"
     "$PY" -c "import audiomaepp.train.loop, audiomaepp.hear_api" \
-      || echo "IMPORT FAILED: were the wheels in $WHEELS carried?"
+      || echo "IMPORT FAILED: were the wheels in $WHEELS copied along?"
   } 2>&1 | tee -a "$LOG"
 fi
 

@@ -336,7 +336,7 @@ def plot_scores(results: dict, task_names: list, path: pathlib.Path) -> None:
 
 
 def goals(results: dict, task_names: list) -> list[tuple[str, bool, str]]:
-  """The issue's three goals: (statement, met? (None: pending), the numbers behind it)."""
+  """The study's three goals: (statement, met? (None: pending), the numbers behind it)."""
   if any(results[row][t] is None for row in results for t in task_names):
     return [(goal, None, "not all rows are evaluated yet") for goal in (
         "pretrained > random init on every task", "AudioMAE++ >= MAE",
@@ -398,8 +398,8 @@ def write_report(output: pathlib.Path, results: dict, trend: dict, checks: dict,
       "- Rows: both pretrained encoders; the AudioMAE++ encoder at its random initialisation "
       "(the parameters its pretraining started from); the log-mel baseline (per-clip mean and "
       "standard deviation over time of the 80 log-mel bins, 160 values).",
-      f"- Tasks: {', '.join(task_names)}; kws and pitch from `../shared/evalsuite/make_suite.py "
-      f"--per_class {setup['per_class']} --seed 0` (voices / instruments disjoint across splits), "
+      f"- Tasks: {', '.join(task_names)}; kws and pitch from `make_suite.py` (a HEAR-format task generator "
+      f"outside the repository, `../shared/evalsuite/`) `--per_class {setup['per_class']} --seed 0` (voices / instruments disjoint across splits), "
       "drums from real drum-kit recordings (`audiomaepp/evaluation/drums.py`, kits disjoint "
       "across splits); HEAR probe "
       f"protocol of `audiomaepp.tools.evaluate --order={setup['order']}`, {setup['seeds']} "

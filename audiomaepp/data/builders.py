@@ -76,7 +76,7 @@ class AudioLogmel(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
-      "1.0.0": "Full-clip float16 log-mel (SPEC §1), id, duration, labels.",
+      "1.0.0": "Full-clip float16 log-mel (docs/reference.md#features), id, duration, labels.",
       "1.1.0": "Per-clip mean and std; uncompressed records (for fast crops).",
   }
   # TFDS finds a builder's source through the `importlib_resources` backport, which it only

@@ -1,6 +1,6 @@
 """Grain input pipeline: log-mel shards -> global batches -> each host's rows -> one global array.
 
-Per example (SPEC §2): the stored full-clip log-mel (float16) is standardised over the whole
+Per example (docs/reference.md#data): the stored full-clip log-mel (float16) is standardised over the whole
 clip (NumPy std, as the original training parser; the shards store each clip's mean and std, so
 only the crop is converted and standardised), then cropped to `crop_frames`: a random
 offset in [0, T - crop_frames) for training (the original's `randint` range, so the last offset

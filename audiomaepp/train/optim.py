@@ -1,4 +1,5 @@
-"""The pretraining optimiser (SPEC §5): AdamW, weight-decay mask, warm-up + half-cosine schedule."""
+"""The pretraining optimiser: AdamW, weight-decay mask, warm-up + half-cosine schedule (the numbers:
+docs/reference.md#optimisation)."""
 import math
 from typing import Any
 
