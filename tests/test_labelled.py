@@ -259,8 +259,9 @@ def test_batches_do_not_depend_on_the_host_count_and_resume_exactly(shards, weig
   _assert_same([{k: np.concatenate([h[b][k] for h in halves]) for k in fresh[b]}
                 for b in range(6)], fresh)
   _assert_same(_batches(split, config, 2, first_batch=4, **kwargs), fresh[4:])
-  _assert_same([labelled.train_batch(split, 200, 4, 3, b, (0, 1), weighted) for b in range(6)],
-               fresh)
+  # Made in this process, batch by batch: what the iterator yields.
+  _assert_same([labelled.host_batches(split, 200, 4, 3, (0, 1), weighted, b)[0]
+                for b in range(6)], fresh)
 
 
 @pytest.mark.slow  # spawning Grain workers costs ~15 s here

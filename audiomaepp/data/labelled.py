@@ -446,13 +446,6 @@ def train_iterator(split: LabelledSplit, data_config: ml_collections.ConfigDict,
   return iter(pipeline.read_ahead(batches, data_config, workers))
 
 
-def train_batch(split: LabelledSplit, crop_frames: int, batch_size: int, seed: int,
-                batch_index: int, block: tuple[int, int], weighted: bool = False) -> dict:
-  """This host's rows of training batch `batch_index`, made in this process: the batch that
-  `train_iterator` yields for it."""
-  return host_batches(split, crop_frames, batch_size, seed, block, weighted, batch_index)[0]
-
-
 def eval_batches(split: LabelledSplit, crop_frames: int, batch_size: int,
                  block: tuple[int, int]) -> Iterator[dict]:
   """Every clip once, in file order, as global batches of `batch_size` (centre crops; short

@@ -289,23 +289,14 @@ def create_dataset(data_config: ml_collections.ConfigDict, *, split: str, batch_
       first_batch * shard_count + shard_index::shard_count]
   if num_batches is not None:
     dataset = dataset[:num_batches].repeat(reseed_each_epoch=False)
-  dataset = dataset.to_iter_dataset(grain.ReadOptions(
-      num_threads=data_config.read_threads, prefetch_buffer_size=data_config.read_buffer_size))
-  workers = num_workers(data_config)
-  if workers > 0:
-    worker_memory.start_tracker_in_own_session()
-    dataset = dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=workers,
-                                     per_worker_buffer_size=data_config.prefetch_buffer_size),
-        worker_init_fn=_start_worker)
-  return dataset
+  return read_ahead(dataset, data_config, num_workers(data_config))
 
 
 def read_ahead(dataset: grain.MapDataset, data_config: ml_collections.ConfigDict,
                workers: int) -> grain.IterDataset:
-  """`dataset` (of host batches) read as `create_dataset` reads: `data_config.read_threads`
-  threads and `read_buffer_size` batches ahead per process, in `workers` Grain worker processes
-  (0: this process) that buffer `prefetch_buffer_size` batches each."""
+  """`dataset` (of host batches) read with `data_config.read_threads` threads and
+  `read_buffer_size` batches ahead per process, in `workers` Grain worker processes (0: this
+  process) that buffer `prefetch_buffer_size` batches each."""
   dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=data_config.read_threads, prefetch_buffer_size=data_config.read_buffer_size))
   if workers > 0:
