@@ -27,6 +27,7 @@ import numpy as np
 from audiomaepp import audio as audio_lib
 from audiomaepp import checkpointing
 from audiomaepp import models
+from audiomaepp import native_io
 from audiomaepp.audio import features
 from audiomaepp.errors import UserError
 from audiomaepp.models import config as model_config_lib
@@ -88,15 +89,24 @@ def from_variables(model_config: ml_collections.ConfigDict, variables: Any,
 
 def load_model(model_file_path: str = "", frame_layout: str = "time_major",
                step: int | None = None) -> Model:
-  """Restores the newest intact (or the given `step`) checkpoint of a workdir and its config.
+  """Restores the newest intact (or the given `step`) checkpoint of a workdir and its config, or
+  the model of a native model folder.
 
-  `model_file_path` is a pretraining workdir (`main.py --workdir`) or a directory written by
-  `audiomaepp.tools.import_original`. A damaged newest checkpoint is skipped with a warning that
-  names the step used instead; `UserError` when none is intact or config.json is damaged.
+  `model_file_path` is a pretraining workdir (`main.py --workdir`), a directory written by
+  `audiomaepp.tools.import_original`, or a folder written by `tools.export --format=native`
+  (`native_io`: one step, so `step` must be None). A damaged newest checkpoint is skipped with a
+  warning that names the step used instead; `UserError` when none is intact, config.json is
+  damaged or a model folder's files are missing or do not match each other.
   """
   if not model_file_path:
     raise UserError("load_model needs a workdir: pass the directory written by main.py or "
                      "audiomaepp.tools.import_original")
+  if native_io.is_folder(model_file_path):
+    if step is not None:
+      raise UserError(f"{model_file_path} is an exported model folder, which holds one step; "
+                      f"drop step={step}")
+    model_config, params = native_io.read(model_file_path)
+    return from_variables(model_config, {"params": params}, frame_layout)
   config = checkpointing.load_config(model_file_path)
   module = models.build_model(config.model)
   abstract = models.abstract_params(module)

@@ -222,7 +222,9 @@ def test_export_cli(fixtures_dir, tmp_path):
 
   for flags, message in (
       ([f"--checkpoint={workdir}", "--step=3", f"--output={out}"], "already exists"),
-      ([f"--checkpoint={workdir}", f"--output={tmp_path / 'model.bin'}"], "pass --format"),
+      ([f"--checkpoint={workdir}", f"--output={tmp_path / 'model.bin'}"],
+       "the suffix names no file format (.pth, .pt, .safetensors); pass --format=native for a "
+       "model folder"),
       ([f"--checkpoint={workdir}", "--step=4", f"--output={tmp_path / 'x.safetensors'}"],
        "has no checkpoint step 4"),
       ([f"--output={out}"], "--checkpoint and --output are required")):

@@ -23,6 +23,7 @@ from absl import logging
 from audiomaepp import checkpointing
 from audiomaepp import metrics as metrics_lib
 from audiomaepp import models
+from audiomaepp import native_io
 from audiomaepp import parallel
 from audiomaepp.data import labelled
 from audiomaepp.data import pipeline
@@ -96,18 +97,28 @@ def run_splits(config: ml_collections.ConfigDict, task: labelled.LabelledSet) ->
 
 
 def pretrained_encoder(config: ml_collections.ConfigDict, target: Any) -> dict:
-  """The encoder parameters of `config.init_from` (decoder dropped), checked against `target`."""
+  """The encoder parameters of `config.init_from` (a workdir or a native model folder; decoder
+  dropped), checked against `target`."""
   source = config.init_from
-  try:
-    recorded = checkpointing.load_config(source)
-    pretrained_model = models.resolve_model_config(recorded.model)
-  except (FileNotFoundError, UserError) as e:
-    raise ConfigError(f"config.init_from={source}: {e}") from None
-  try:
-    params = checkpointing.restore_params(source, models.abstract_params(pretrained_model),
-                                          step=config.init_step)
-  except FileNotFoundError as e:
-    raise ConfigError(f"config.init_from={source}: {e}") from None
+  if native_io.is_folder(source):
+    if config.init_step is not None:
+      raise ConfigError(f"config.init_from={source} is an exported model folder, which holds one "
+                        f"step; drop config.init_step={config.init_step}")
+    try:
+      _, params = native_io.read(source)
+    except UserError as e:
+      raise ConfigError(f"config.init_from={source}: {e}") from None
+  else:
+    try:
+      recorded = checkpointing.load_config(source)
+      pretrained_model = models.resolve_model_config(recorded.model)
+    except (FileNotFoundError, UserError) as e:
+      raise ConfigError(f"config.init_from={source}: {e}") from None
+    try:
+      params = checkpointing.restore_params(source, models.abstract_params(pretrained_model),
+                                            step=config.init_step)
+    except FileNotFoundError as e:
+      raise ConfigError(f"config.init_from={source}: {e}") from None
   try:
     return classifier_lib.encoder_from_pretrained(params, target, f"config.init_from={source}")
   except UserError as e:
