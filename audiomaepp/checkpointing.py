@@ -111,15 +111,21 @@ def load_config(workdir: Any) -> ml_collections.ConfigDict:
     raise FileNotFoundError(
         f"{path} not found: {workdir} is not a workdir written by main.py or "
         "audiomaepp.tools.import_original")
+  record = read_json_object(path, "the experiment config")
+  record.pop("_audiomaepp_version", None)
+  return ml_collections.ConfigDict(record)
+
+
+def read_json_object(path: epath.Path, what: str) -> dict:
+  """The JSON object stored in `path` (`what` names its content in the error); UserError naming
+  the file when it does not parse or is not an object."""
   try:
     record = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise UserError(f"{path}: not valid JSON ({e}); the file is damaged (truncated?)") from None
   if not isinstance(record, dict):
-    raise UserError(f"{path}: expected a JSON object (the experiment config), got "
-                    f"{type(record).__name__}")
-  record.pop("_audiomaepp_version", None)
-  return ml_collections.ConfigDict(record)
+    raise UserError(f"{path}: expected a JSON object ({what}), got {type(record).__name__}")
+  return record
 
 
 def checkpoint_manager(workdir: Any, **options: Any) -> ocp.CheckpointManager:

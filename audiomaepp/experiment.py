@@ -138,8 +138,9 @@ def finetune_config(size: Optional[str] = "base", block: str = "plusplus"
   recipe of AudioMAE's `main_finetune_as.py` (defaults cited field by field)."""
   c = base_config(size, block)
   c.task = "finetune"
-  # A pretraining workdir (or one written by tools.import_original) whose encoder initialises
-  # the classifier (its decoder is dropped); None trains the same classifier from random init.
+  # A pretraining workdir (or one written by tools.import_original, or a model folder from
+  # tools.export --format=native) whose encoder initialises the classifier (its decoder is
+  # dropped); None trains the same classifier from random init.
   c.init_from = config_dict.placeholder(str)
   c.init_step = config_dict.placeholder(int)  # its checkpoint step (None: the newest)
   # Labelled clips (`data/labelled.py`): 'hear', a HEAR task folder (`evaluation/tasks.py`),

@@ -1,6 +1,6 @@
-"""The HEAR 2021 common API over AudioMAE++ encoders (SPEC §6).
+"""The HEAR 2021 common API over AudioMAE++ encoders (docs/reference.md#hear-api).
 
-    model = load_model("WORKDIR")                      # a pretraining workdir or an imported original
+    model = load_model("WORKDIR")   # a pretraining workdir, an imported original or a model folder
     scene = get_scene_embeddings(audio, model)         # (n_sounds, 5 * width)
     frames, times_ms = get_timestamp_embeddings(audio, model)
 

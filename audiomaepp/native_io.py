@@ -126,13 +126,7 @@ def read(path: Any) -> tuple[models.ModelConfig, dict[str, Any]]:
                       f"audiomaepp.tools.export --format=native ({CONFIG_FILE}, {MODEL_FILE}) "
                       f"or a workdir with {checkpointing.CHECKPOINT_DIR}/")
   config_path, model_path = folder / CONFIG_FILE, folder / MODEL_FILE
-  try:
-    record = json.loads(config_path.read_text())
-  except json.JSONDecodeError as e:
-    raise UserError(f"{config_path}: not valid JSON ({e})") from None
-  if not isinstance(record, dict):
-    raise UserError(f"{config_path}: expected a JSON object (the model section), got "
-                    f"{type(record).__name__}")
+  record = checkpointing.read_json_object(config_path, "the model section")
   try:
     model_config = models.resolve_model_config(record)
   except UserError as e:

@@ -32,7 +32,8 @@ from audiomaepp.evaluation import baselines
 from audiomaepp.evaluation import embedding
 from audiomaepp.tools import cli
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir or imported-original directory.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, imported-original directory or "
+                                  "model folder (tools.export --format=native).")
 _BASELINE = flags.DEFINE_enum(
     "baseline", None, list(baselines.BASELINES),
     "Embed with a baseline instead of a checkpoint: 'logmel_stats' = per-clip log-mel mean and "
