@@ -24,7 +24,9 @@ the workdir.
 """
 import contextlib
 import dataclasses
+import gc
 import json
+import logging as std_logging
 import re
 import sys
 import time
@@ -153,11 +155,17 @@ def save_params(workdir: Any, params: Any, step: int = 0) -> None:
     manager.wait_until_finished()
 
 
+_UNRETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+
+
 @contextlib.contextmanager
 def _quiet_failed_reads():
-  """Drops the unraisable "Event loop is closed" errors of a failed restore: TensorStore reports
-  every read still in flight once Orbax has closed its event loop, hundreds of tracebacks that
-  say nothing about the checkpoint. Other unraisable errors go to the previous hook."""
+  """Drops the echoes of a failed restore: the unraisable "Event loop is closed" errors
+  TensorStore reports for every read still in flight once Orbax has closed its event loop, and
+  asyncio's "Future exception was never retrieved" for the sibling reads of the one whose error
+  was raised (and classified). Hundreds of tracebacks that say nothing about the checkpoint.
+  Garbage is collected before leaving, so that those futures report while the filter holds.
+  Other unraisable errors and log records pass."""
   previous = sys.unraisablehook
 
   def hook(unraisable):
@@ -165,10 +173,17 @@ def _quiet_failed_reads():
             and str(unraisable.exc_value) == "Event loop is closed"):
       previous(unraisable)
 
+  def unretrieved(record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_UNRETRIEVED)
+
+  asyncio_logger = std_logging.getLogger("asyncio")
   sys.unraisablehook = hook
+  asyncio_logger.addFilter(unretrieved)
   try:
     yield
   finally:
+    gc.collect()
+    asyncio_logger.removeFilter(unretrieved)
     sys.unraisablehook = previous
 
 

@@ -1,4 +1,7 @@
 """Workdir config record and params-only checkpoints round-trip."""
+import asyncio
+import gc
+import logging
 import sys
 
 import jax
@@ -42,6 +45,26 @@ class _RaisesOnDelete:
 
   def __del__(self):
     raise self.error
+
+
+def _orphaned_future(message):
+  """A future whose exception nobody retrieves, dropped at once: asyncio logs it when collected."""
+  loop = asyncio.new_event_loop()
+  loop.create_future().set_exception(ValueError(message))
+  loop.close()
+
+
+def test_restores_drop_the_unretrieved_errors_of_sibling_reads_and_nothing_else(caplog):
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    with checkpointing._quiet_failed_reads():  # pylint: disable=protected-access
+      _orphaned_future("OUT_OF_RANGE: a sibling read of the failed one")
+    _orphaned_future("outside any restore")
+    gc.collect()
+  logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+  assert len(logged) == 1 and logged[0].startswith("Future exception was never retrieved")
+  assert "outside any restore" in caplog.text and "sibling read" not in caplog.text
+  assert not any(f.__class__.__name__ == "function" and f.__name__ == "unretrieved"
+                 for f in logging.getLogger("asyncio").filters)  # the filter is removed
 
 
 def test_restores_drop_only_the_closed_event_loop_noise_and_restore_the_hook(monkeypatch):
