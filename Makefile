@@ -49,7 +49,7 @@ demo: $(STAMP)
 
 # -rs: every skip with its reason; with CI=true a skip not in tests/allowed_skips.txt fails.
 test: $(TORCH_STAMP) deps
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs --durations=20 tests
 
 # The edit-test loop (under 2 minutes on 2 cores): unit and parity tests; subprocess runs of
 # main.py or the CLIs, multi-variant compiles and the original PyTorch code are 'integration'.

@@ -5,6 +5,7 @@ Flag mistakes are checked in-process on `cli.parse_flags`; then each CLI runs on
 `error:` line, hold no other `error:` line and no traceback. Orbax's logging is hidden unless
 --verbosity is given.
 """
+import logging as py_logging
 import os
 import pathlib
 import re
@@ -188,6 +189,16 @@ def _foreign_log_lines(stderr: str) -> list[str]:
   ours = {path.name for path in (REPO / "audiomaepp").rglob("*.py")}
   return [line for line in stderr.splitlines()
           if (m := LOG_LINE.match(line)) and m.group(1) not in ours]
+
+
+def test_library_logging_below_its_level_is_hidden_by_default():
+  record = lambda path, level: py_logging.LogRecord("absl", level, path, 1, "m", None, None)
+  site = "/venv/lib/python3.11/site-packages"
+  assert not cli.quiet_libraries(record(f"{site}/jax/_src/xla_bridge.py", py_logging.INFO))
+  assert cli.quiet_libraries(record(f"{site}/jax/_src/xla_bridge.py", py_logging.WARNING))
+  assert not cli.quiet_libraries(record(f"{site}/orbax/checkpoint/a.py", py_logging.WARNING))
+  assert cli.quiet_libraries(record(f"{site}/orbax/checkpoint/a.py", py_logging.ERROR))
+  assert cli.quiet_libraries(record("/repo/audiomaepp/checkpointing.py", py_logging.INFO))
 
 
 @pytest.mark.timeout(600)

@@ -9,7 +9,8 @@
     did not answer after retries (`errors.StorageError`). Any other exception is a bug and keeps
     its traceback.
   * Orbax's logging below ERROR (dozens of INFO lines per checkpoint save or restore, warnings
-    about read-only managers) is hidden, unless `--verbosity` (`-v`) is given.
+    about read-only managers) and JAX's INFO lines (the accelerator back ends it did not find)
+    are hidden, unless `--verbosity` (`-v`) is given.
 """
 import logging as py_logging
 import os
@@ -67,7 +68,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
 
 def _run_main(main: Callable[[list[str]], Any], argv: list[str]) -> Any:
   if not flags.FLAGS["verbosity"].present:
-    logging.get_absl_handler().addFilter(quiet_orbax)
+    logging.get_absl_handler().addFilter(quiet_libraries)
   try:
     return main(argv)
   except USER_ERRORS as e:
@@ -81,12 +82,17 @@ def describe(error: BaseException) -> str:
   return _one_line(str(error) or type(error).__name__)
 
 
-def quiet_orbax(record: py_logging.LogRecord) -> bool:
-  """A logging filter: drops Orbax's records below ERROR, and asyncio's exit-time tracebacks of
+def quiet_libraries(record: py_logging.LogRecord) -> bool:
+  """A logging filter: drops Orbax's records below ERROR, JAX's below WARNING ("Unable to
+  initialize backend 'tpu'" on every machine without one), and asyncio's exit-time tracebacks of
   the write tasks of a failed save (reported already)."""
   if record.name == "asyncio" and "/orbax/" in record.getMessage():
     return False
-  return record.levelno >= py_logging.ERROR or "/orbax/" not in record.pathname
+  if "/orbax/" in record.pathname:
+    return record.levelno >= py_logging.ERROR
+  if "/jax/" in record.pathname:
+    return record.levelno >= py_logging.WARNING
+  return True
 
 
 def _one_line(text: str) -> str:
