@@ -296,6 +296,7 @@ def test_eval_batches_hold_every_clip_once_with_centre_crops(shards):
       np.testing.assert_array_equal(batch[key], np.concatenate([h[b][key] for h in halves]))
 
 
+@pytest.mark.integration  # runs the benchmark command
 def test_scale_benchmark_runs_at_a_tiny_size(tmp_path):
   with conftest.benchmark_module("labelled_scale") as module:
     lists = module.synthetic_labels(3000, 40, 2.7, seed=0)
