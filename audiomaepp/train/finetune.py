@@ -201,9 +201,7 @@ class FinetuneTask(runner.Task):
                         f"has {self.num_classes}; use a new workdir for another task")
 
   def optimizer(self, schedule: optax.Schedule) -> optax.GradientTransformation:
-    abstract_params = jax.eval_shape(lambda: models.unbox(self.init_params(
-        jax.random.PRNGKey(0))))
-    return step_lib.create_optimizer(self.config, schedule, abstract_params,
+    return step_lib.create_optimizer(self.config, schedule, step_lib.abstract_params(self.model),
                                      self.model_config.depth)
 
   def init_params(self, rng: jax.Array) -> Any:
@@ -250,8 +248,7 @@ class FinetuneTask(runner.Task):
     del state
     if not self.splits["test"] or best is None or best.score() is None:
       return
-    abstract = jax.eval_shape(lambda: models.unbox(self.init_params(jax.random.PRNGKey(0))))
-    best_step, params = best.restore(runner.with_shardings(abstract,
+    best_step, params = best.restore(runner.with_shardings(step_lib.abstract_params(self.model),
                                                            self._placement.state.params))
     try:
       test_split = self.data.load(self.splits["test"])
@@ -305,8 +302,7 @@ def score_workdir(workdir: str, task_dir: Optional[str] = None, split: Optional[
   if not split:
     raise ConfigError(f"{workdir} was trained without a test split: name the split to score")
   model = step_lib.build_model(config, model_config, len(task.vocabulary))
-  abstract = jax.eval_shape(lambda: models.unbox(step_lib.init_params(model,
-                                                                     jax.random.PRNGKey(0))))
+  abstract = step_lib.abstract_params(model)
   best_dir = checkpointing.workdir_path(workdir) / BEST_DIR
   steps = [int(p.name) for p in best_dir.iterdir() if p.name.isdigit()] if best_dir.exists() else []
   if steps:

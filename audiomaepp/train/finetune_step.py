@@ -92,6 +92,11 @@ def init_params(model: nn.Module, rng: jax.Array) -> Any:
                     jnp.zeros((1, *model.config.input_shape), jnp.float32))["params"]
 
 
+def abstract_params(model: nn.Module) -> Any:
+  """The classifier's parameters as `jax.ShapeDtypeStruct`s (unboxed; nothing is computed)."""
+  return jax.eval_shape(lambda: nn.meta.unbox(init_params(model, jax.random.PRNGKey(0))))
+
+
 def spec_augment(rng: jax.Array, spectrogram: jax.Array, max_time: int, max_freq: int
                  ) -> jax.Array:
   """One time and one frequency mask per example (torchaudio's TimeMasking / FrequencyMasking:
