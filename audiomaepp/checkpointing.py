@@ -48,6 +48,8 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 SKIPPED_DIR = "checkpoints_skipped"
 PARAMS_ITEM = "params"
+# The key of a step's custom metadata that holds what the run recorded with it.
+RECORD_KEY = "record"
 TRAIN_STATE_ITEM = "train_state"
 
 # Reading a step whose storage did not answer: this many attempts, waiting READ_BACKOFF_SECONDS,
@@ -319,15 +321,37 @@ def training_manager(workdir: Any, keep: int, async_save: bool = True) -> ocp.Ch
 
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, params: Any,
-                     train_state: Any) -> None:
-  """Starts saving `params` and `train_state` as step `step`.
+                     train_state: Any, record: Optional[dict] = None) -> None:
+  """Starts saving `params` and `train_state` as step `step`, with `record` (JSON: the step's
+  evaluation) in the step's metadata (`saved_record`).
 
   Returns once device arrays are copied to host; writing continues in the background (see
   `manager.wait_until_finished`). Errors of the background write surface there.
   """
   items = {PARAMS_ITEM: ocp.args.StandardSave(params),
            TRAIN_STATE_ITEM: ocp.args.StandardSave(train_state)}
-  manager.save(step, args=ocp.args.Composite(**items), force=True)
+  manager.save(step, args=ocp.args.Composite(**items), force=True,
+               custom_metadata={RECORD_KEY: _json_values(record or {})})
+
+
+def saved_record(workdir: str, step: int) -> dict:
+  """What the run recorded with its checkpoint of `step` (e.g. {'loss': ..., 'probe': {task:
+  score}}); {} when nothing was recorded."""
+  with checkpoint_manager(workdir, read_only=True) as manager:
+    metadata = manager.metadata(step)
+  return dict((metadata.custom_metadata or {}).get(RECORD_KEY, {}))
+
+
+def _json_values(record: dict) -> dict:
+  """The numbers of `record` as Python floats (nested dicts kept, anything else left out), for
+  the JSON metadata."""
+  values = {}
+  for key, value in record.items():
+    if isinstance(value, dict):
+      values[str(key)] = _json_values(value)
+    elif np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number):
+      values[str(key)] = float(value)
+  return values
 
 
 def discard_failed_save(manager: ocp.CheckpointManager, step: int) -> None:

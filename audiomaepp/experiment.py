@@ -92,6 +92,13 @@ def base_config(size: Optional[str] = "base", block: str = "plusplus"
   c.eval_batches = 8
   c.checkpoint_every_steps = 4000
   c.keep_checkpoints = 5
+  # Linear probes of the encoder while it trains (`audiomaepp.train.probes`): HEAR task folders,
+  # comma-separated ('': none), scored every `every_steps` steps and at the last step, on a
+  # class-balanced subset of `max_clips` clips of each task (0: every clip).
+  c.probe = ml_collections.ConfigDict()
+  c.probe.tasks = ""
+  c.probe.every_steps = 1000
+  c.probe.max_clips = 0
   # Per-device peak FLOP/s for the MFU estimate on devices not in metrics.PEAK_FLOPS (0: unknown).
   c.peak_flops = 0.0
   # 'a,b': a jax.profiler trace of steps a to b in the workdir for TensorBoard ('': none);
@@ -137,6 +144,7 @@ def finetune_config(size: Optional[str] = "base", block: str = "plusplus"
   pretrained workdir and a linear head trained on a labelled HEAR task folder, with the
   recipe of AudioMAE's `main_finetune_as.py` (defaults cited field by field)."""
   c = base_config(size, block)
+  del c.probe  # pretraining only
   c.task = "finetune"
   # A pretraining workdir (or one written by tools.import_original, or a model folder from
   # tools.export --format=native) whose encoder initialises the classifier (its decoder is

@@ -152,8 +152,10 @@ def _bucket(n: int) -> int:
   return min(MAX_CHUNKS_PER_CALL, 1 << max(0, (n - 1).bit_length()))
 
 
-def _frame_embeddings(audio: Any, model: Model) -> Tuple[jnp.ndarray, int]:
-  """(n_sounds, n_frames, features) for real (unpadded) frames and the number of frames."""
+def log_mel_chunks(audio: Any, chunk_frames: int) -> Tuple[jnp.ndarray, int, int]:
+  """The encoder's inputs for a batch of clips: (n_sounds · n_chunks, chunk_frames, mel)
+  standardised log-mel chunks (zero-padded along time), n_chunks per clip and the number of
+  padding frames at the end of each clip. UserError for audio the API does not take."""
   audio = _check_audio(audio)
   spectrogram = _standardised_log_mel(audio)
   # Finite samples can still overflow the float32 power spectrum (e.g. 1e20 from corrupt float
@@ -165,22 +167,32 @@ def _frame_embeddings(audio: Any, model: Model) -> Tuple[jnp.ndarray, int]:
     raise UserError(f"audio of sounds {bad} has samples of magnitude {peak:.3g}, which overflow "
                      "the float32 log-mel; expected 16 kHz waveforms in [-1, 1]")
   n_sounds, n_time, n_mel = spectrogram.shape
-  chunk = model.chunk_frames
-  n_chunks = -(-n_time // chunk)
-  pad = n_chunks * chunk - n_time
+  n_chunks = -(-n_time // chunk_frames)
+  pad = n_chunks * chunk_frames - n_time
   spectrogram = jnp.pad(spectrogram, ((0, 0), (0, pad), (0, 0)))
-  chunks = spectrogram.reshape(n_sounds * n_chunks, chunk, n_mel)
+  return spectrogram.reshape(n_sounds * n_chunks, chunk_frames, n_mel), n_chunks, pad
 
+
+def real_frames(frames: Any, n_sounds: int, pad: int, patch_time: int) -> Any:
+  """Encoder frames of all chunks (n_sounds · n_chunks, frames_per_chunk, features) -> per clip
+  (n_sounds, n_frames, features), without the frames that came only from the `pad` padding
+  log-mel frames (`patch_time` log-mel frames per encoder frame)."""
+  frames = frames.reshape(n_sounds, -1, frames.shape[-1])
+  return frames[:, :frames.shape[1] - pad // patch_time]
+
+
+def _frame_embeddings(audio: Any, model: Model) -> Tuple[jnp.ndarray, int]:
+  """(n_sounds, n_frames, features) for real (unpadded) frames and the number of frames."""
+  chunks, _, pad = log_mel_chunks(audio, model.chunk_frames)
   outputs = []
   for start in range(0, chunks.shape[0], MAX_CHUNKS_PER_CALL):
     piece = chunks[start:start + MAX_CHUNKS_PER_CALL]
     size = _bucket(piece.shape[0])
     padded = jnp.pad(piece, ((0, size - piece.shape[0]), (0, 0), (0, 0)))
     outputs.append(model._encode_chunks(model.params, padded)[:piece.shape[0]])
-  frames = jnp.concatenate(outputs).reshape(n_sounds, n_chunks * model.frames_per_chunk, -1)
-  patch_time = chunk // model.frames_per_chunk
-  n_frames = frames.shape[1] - (pad // patch_time)
-  return frames[:, :n_frames], n_frames
+  frames = real_frames(jnp.concatenate(outputs), np.shape(audio)[0], pad,
+                       model.chunk_frames // model.frames_per_chunk)
+  return frames, frames.shape[1]
 
 
 def get_timestamp_embeddings(audio: Any, model: Model) -> Tuple[jnp.ndarray, jnp.ndarray]:

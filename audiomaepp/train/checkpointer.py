@@ -30,12 +30,13 @@ class Checkpointer:
       return self._failed(step, e)
     return None
 
-  def save(self, step: int, state: TrainState) -> Optional[str]:
-    """Starts saving `state` as `step` after the previous save finished; returns an error."""
+  def save(self, step: int, state: TrainState, record: Optional[dict] = None) -> Optional[str]:
+    """Starts saving `state` as `step` (with `record`, the evaluation of that step) after the
+    previous save finished; returns an error."""
     error = self.wait()
     params, rest = state.checkpoint_items()
     try:
-      checkpointing.save_train_state(self.manager, step, params, rest)
+      checkpointing.save_train_state(self.manager, step, params, rest, record)
     except Exception as e:  # pylint: disable=broad-except
       return self._failed(step, e)
     self._pending = step

@@ -3,7 +3,8 @@
 
 The task reads unlabelled log-mel shards through the Grain pipeline (data/pipeline.py), trains
 with `step.train_step` and evaluates the masked-patch loss of `eval_batches` held-out batches
-with fixed masks, drawing the reconstruction of the first clip (`workdir/reconstructions/`).
+with fixed masks, drawing the reconstruction of the first clip (`workdir/reconstructions/`), and
+every `probe.every_steps` scores linear probes of the encoder on HEAR tasks (`train/probes.py`).
 """
 import functools
 import itertools
@@ -21,6 +22,7 @@ from audiomaepp import visualize
 from audiomaepp.data import pipeline
 from audiomaepp.errors import UserError
 from audiomaepp.train import optim
+from audiomaepp.train import probes
 from audiomaepp.train import runner
 from audiomaepp.train import step as step_lib
 from audiomaepp.train.runner import ConfigError, RunResult
@@ -37,6 +39,10 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
     ConfigError: one line naming the field and what was expected.
   """
   model_config = runner.validate_common(config)
+  try:
+    probes.validate(config)
+  except UserError as e:
+    raise ConfigError(str(e)) from None
   check_data(config)
   return model_config
 
@@ -81,6 +87,8 @@ class PretrainTask(runner.Task):
     self._eval_input: Optional[EvalInput] = None
     self._writer: Optional[metrics_lib.MetricsWriter] = None
     self._placement: Optional[runner.Placement] = None
+    self._probes: Optional[probes.Probes] = None
+    self._total_steps = 0
     self._workdir = ""
 
   def validate(self) -> models.ModelConfig:
@@ -92,7 +100,9 @@ class PretrainTask(runner.Task):
       pipeline.ensure_dataset(self.config.data)
     except UserError as e:
       raise ConfigError(str(e)) from None
-    return pipeline.num_examples(self.config.data, self.config.data.train_split)
+    num_train = pipeline.num_examples(self.config.data, self.config.data.train_split)
+    self._total_steps = optim.total_train_steps(self.config, num_train)
+    return num_train
 
   def optimizer(self, schedule: optax.Schedule) -> optax.GradientTransformation:
     return optim.create_optimizer(self.config, schedule)
@@ -117,6 +127,8 @@ class PretrainTask(runner.Task):
                         placement.replicated),
           out_shardings=placement.replicated)
       self._eval_input = EvalInput(self.config, placement.block)
+    if probes.task_dirs(self.config):
+      self._probes = probes.Probes(self.config, self.model, placement)
 
   def train_batches(self, start_step: int, block: tuple[int, int]) -> Iterator[dict]:
     return pipeline.create_iterator(
@@ -124,11 +136,32 @@ class PretrainTask(runner.Task):
         seed=self.config.seed, train=True, first_batch=start_step, shard_index=block[0],
         shard_count=block[1])
 
+  def evaluates_at(self, step: int, total_steps: int) -> bool:
+    return self._loss_due(step) or self._probes_due(step)
+
+  def _loss_due(self, step: int) -> bool:
+    return (self._eval_input is not None
+            and runner.due(step, self.config.eval_every_steps, self._total_steps))
+
+  def _probes_due(self, step: int) -> bool:
+    return (self._probes is not None and self._probes.active
+            and runner.due(step, self.config.probe.every_steps, self._total_steps))
+
   def evaluate(self, state: runner.TrainState, step: int) -> Optional[dict[str, Any]]:
-    """Validation loss over `eval_batches` held-out batches (fixed masks) and a reconstruction
-    picture."""
-    if self._eval_input is None:
-      return None
+    """Whichever is due at `step`: the validation loss over `eval_batches` held-out batches
+    (fixed masks) with a reconstruction picture, and the probes (split 'probe' of the metrics,
+    'probe' of the result)."""
+    result = {}
+    if self._loss_due(step):
+      result["loss"] = self._eval_loss(state, step)
+    if self._probes_due(step):
+      scores = self._probes.run(state.params, step)
+      if scores:
+        self._writer.write_scalars(step, scores, split="probe")
+        result["probe"] = {k: v for k, v in scores.items() if k != "seconds"}
+    return result or None
+
+  def _eval_loss(self, state: runner.TrainState, step: int) -> float:
     config = self.config
     mask_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), EVAL_MASK_STREAM)
     losses, first = [], None
@@ -148,7 +181,7 @@ class PretrainTask(runner.Task):
           os.path.join(self._workdir, RECONSTRUCTION_DIR, f"step_{step:08d}.png"),
           title=f"step {step}, eval loss {loss:.4f}")
       self._writer.write_image("eval/reconstruction", step, image)
-    return {"loss": loss}
+    return loss
 
   def close(self) -> None:
     if self._eval_input is not None:

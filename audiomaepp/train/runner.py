@@ -166,9 +166,14 @@ class Task(abc.ABC):
     trains on global batch s - 1; the runner takes `batch_keys` of each. The iterator has
     `close()`."""
 
+  def evaluates_at(self, step: int, total_steps: int) -> bool:
+    """Whether `evaluate` runs after `step`: every `eval_every_steps` and at the last step."""
+    return due(step, self.config.eval_every_steps, total_steps)
+
   def evaluate(self, state: TrainState, step: int) -> Optional[dict[str, Any]]:
     """Evaluates `state` at `step` and writes its metrics; None when the task does not
-    evaluate. A 'score' (higher is better) is offered to the best checkpoint."""
+    evaluate. A 'score' (higher is better) is offered to the best checkpoint; the result is
+    recorded with a checkpoint of the same step (`checkpointing.saved_record`)."""
     del state, step
     return None
 
@@ -484,17 +489,19 @@ def _train(task: Task, state: TrainState, train_fn: Callable, train_input: Itera
     if log_now:
       writer.write_scalars(step, {**summarise(window), **throughput.update(step)})
       window = []
+    # Evaluation first, so that a checkpoint of the same step records its scores; none when
+    # SIGTERM asks to stop.
+    scores = None if stop_now or not task.evaluates_at(step, total_steps) else task.evaluate(
+        state, step)
     if save_now or stop_now:
-      checkpointer.save(step, state)
+      checkpointer.save(step, state, record=scores)
     if stop_now:
       result.preempted = True
       break
-    if due(step, config.eval_every_steps, total_steps):
-      scores = task.evaluate(state, step)
-      if scores is not None:
-        if best is not None and best.offer(step, state.eval_params(), scores["score"]):
-          logging.info("best validation score so far: %.4f at step %d", scores["score"], step)
-        throughput.restart(step)
+    if scores is not None:
+      if best is not None and best.offer(step, state.eval_params(), scores["score"]):
+        logging.info("best validation score so far: %.4f at step %d", scores["score"], step)
+      throughput.restart(step)
   error = checkpointer.wait()
   result.checkpoint_step = checkpointer.latest_step()
   if error and result.checkpoint_step != result.step:

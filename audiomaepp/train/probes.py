@@ -1,0 +1,232 @@
+"""Linear probes of the encoder while it pretrains (`config.probe`).
+
+Every `config.probe.every_steps` (and at the last step) the pretraining job embeds the clips of
+each HEAR task folder of `config.probe.tasks` with the current encoder, as the HEAR API does
+(`hear_api.log_mel_chunks`: standardised log-mel chunks; the scene embedding is the mean of the
+real frames), on the training devices: the chunks go through in global batches sharded like
+training batches, each host feeding its rows. A logistic regression on standardised embeddings,
+fit on the task's train and valid splits, scores its test split (`linear_probe_score`: top-1 % or
+mAP %). A task's clips are decoded once, at its first probe; a task that fails (its folder
+deleted under the run) is dropped with one warning on every host and training goes on.
+"""
+import dataclasses
+import time
+from typing import Any, Optional
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from audiomaepp import audio as audio_lib
+from audiomaepp import hear_api
+from audiomaepp.errors import UserError
+from audiomaepp.evaluation import tasks as tasks_lib
+
+# Clips decoded and turned into log-mel chunks per call while a task is read.
+_CLIPS_PER_READ = 64
+
+
+def task_dirs(config: ml_collections.ConfigDict) -> list[str]:
+  """The task folders of `config.probe.tasks` (comma-separated; empty: no probes)."""
+  return [t.strip() for t in str(config.probe.tasks or "").split(",") if t.strip()]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.probe` and each task folder's metadata, labels and splits (no audio is
+  read); raises UserError naming the field, the folder and what was expected."""
+  dirs = task_dirs(config)
+  if not dirs:
+    return
+  if int(config.probe.max_clips) < 0:
+    raise UserError(f"config.probe.max_clips={config.probe.max_clips}: expected 0 (every clip) "
+                    "or a positive number of clips per task")
+  if int(config.probe.every_steps) <= 0:
+    raise UserError(f"config.probe.every_steps={config.probe.every_steps}: expected a positive "
+                    "integer when config.probe.tasks is set")
+  names = {}
+  for task_dir in dirs:
+    try:
+      task = tasks_lib.read_hear_task(task_dir)
+      fit, test = fit_and_test_splits(task.metadata)
+    except (UserError, OSError) as e:
+      raise UserError(f"config.probe.tasks: {task_dir}: {e}") from None
+    for split in (*fit, test):
+      if not task.splits[split].files:
+        raise UserError(f"config.probe.tasks: {task_dir}: split {split!r} has no clips")
+    if task.name in names:
+      raise UserError(f"config.probe.tasks: {task_dir} and {names[task.name]} have the same "
+                      f"name {task.name!r}")
+    names[task.name] = task_dir
+
+
+def fit_and_test_splits(metadata: dict[str, Any]) -> tuple[list[str], str]:
+  """The splits a probe fits on (train and valid of hear-eval-kit's first run) and tests on."""
+  run = tasks_lib.data_splits(metadata)[0]
+  return [*run["train"], *run["valid"]], run["test"][0]
+
+
+def linear_probe_score(x_fit: np.ndarray, y_fit: np.ndarray, x_test: np.ndarray,
+                       y_test: np.ndarray) -> float:
+  """Test score (%) of a logistic regression on train-standardised embeddings: top-1 accuracy
+  for class indices (n,), mAP (macro over the classes present in the test set) for multi-hot
+  targets (n, classes)."""
+  from sklearn import linear_model  # pylint: disable=import-outside-toplevel
+  from sklearn import metrics  # pylint: disable=import-outside-toplevel
+  from sklearn import multiclass  # pylint: disable=import-outside-toplevel
+  from sklearn import preprocessing  # pylint: disable=import-outside-toplevel
+  scaler = preprocessing.StandardScaler().fit(x_fit)
+  x_fit, x_test = scaler.transform(x_fit), scaler.transform(x_test)
+  classifier = linear_model.LogisticRegression(max_iter=3000)
+  if y_fit.ndim == 1:
+    return 100 * float((classifier.fit(x_fit, y_fit).predict(x_test) == y_test).mean())
+  model = multiclass.OneVsRestClassifier(classifier).fit(x_fit, y_fit)
+  present = y_test.sum(0) > 0
+  return 100 * float(metrics.average_precision_score(
+      y_test[:, present], model.predict_proba(x_test)[:, present], average="macro"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeData:
+  """One task's clips as encoder inputs: log-mel chunks of every clip (fit clips first), the
+  padding frames per clip and the targets (class indices, or multi-hot when multi-label)."""
+  name: str
+  chunks: np.ndarray  # (clips · chunks_per_clip, chunk_frames, mel) float32
+  pad: int
+  targets: np.ndarray
+  num_fit: int
+
+
+def balanced_subset(labels: list[list[str]], count: int) -> list[int]:
+  """Indices of `count` of the clips (all when count <= 0 or there are fewer), taken in turn
+  from each class (a clip's first label) in file order, returned in file order."""
+  if count <= 0 or count >= len(labels):
+    return list(range(len(labels)))
+  turn, seen = {}, {}
+  for i, row in enumerate(labels):
+    turn[i] = seen.get(row[0], 0)
+    seen[row[0]] = turn[i] + 1
+  return sorted(sorted(turn, key=lambda i: (turn[i], i))[:count])
+
+
+def read_task(task_dir: str, chunk_frames: int, max_clips: int = 0) -> ProbeData:
+  """Decodes a task folder's fit and test clips (cut or zero-padded to `sample_duration`, or to
+  the longest clip) into encoder inputs; with `max_clips` > 0, a class-balanced subset of that
+  many, fit and test in the task's proportion."""
+  task = tasks_lib.read_hear_task(task_dir)
+  fit, test = fit_and_test_splits(task.metadata)
+  fit_labels = [row for s in fit for row in task.splits[s].labels]
+  test_labels = task.splits[test].labels
+  num_fit = len(fit_labels)
+  if 0 < max_clips < num_fit + len(test_labels):
+    num_fit = max(1, round(max_clips * num_fit / (num_fit + len(test_labels))))
+  keep_fit = balanced_subset(fit_labels, num_fit)
+  keep_test = balanced_subset(test_labels,
+                              max(1, max_clips - len(keep_fit)) if max_clips > 0 else 0)
+  fit_paths = [p for s in fit for p in task.splits[s].paths]
+  paths = [fit_paths[i] for i in keep_fit] + [task.splits[test].paths[i] for i in keep_test]
+  labels = [fit_labels[i] for i in keep_fit] + [test_labels[i] for i in keep_test]
+  waveforms = [audio_lib.load_audio(str(p)) for p in paths]
+  duration = task.metadata.get("sample_duration")
+  length = (int(round(duration * hear_api.SAMPLE_RATE)) if duration
+            else max(len(w) for w in waveforms))
+  chunks, pad = [], 0
+  for start in range(0, len(waveforms), _CLIPS_PER_READ):
+    batch = np.stack([np.pad(w[:length], (0, max(0, length - len(w))))
+                      for w in waveforms[start:start + _CLIPS_PER_READ]])
+    piece, _, pad = hear_api.log_mel_chunks(batch, chunk_frames)
+    chunks.append(np.asarray(piece))
+  index = {label: i for i, label in enumerate(task.vocabulary)}
+  if task.metadata["prediction_type"] == "multilabel":
+    targets = np.zeros((len(labels), len(index)), np.float32)
+    for row, clip_labels in enumerate(labels):
+      targets[row, [index[label] for label in clip_labels]] = 1.0
+  else:
+    targets = np.array([index[row[0]] for row in labels], np.int64)
+  return ProbeData(task.name, np.concatenate(chunks), pad, targets, len(keep_fit))
+
+
+class Probes:
+  """The probes of one pretraining run: `run(params, step)` -> {task name: score %}."""
+
+  def __init__(self, config: ml_collections.ConfigDict, module: Any, placement: Any):
+    self._dirs = task_dirs(config)
+    self._chunk_frames = int(module.config.input_shape[0])
+    self._max_clips = int(config.probe.max_clips)
+    self._patch_time = int(module.config.patch_size[0])
+    # Global batches of chunks: the training batch, at least 64 rows.
+    self._batch = config.batch_size * max(1, -(-64 // config.batch_size))
+    self._rows = placement.block
+    self._data: dict[str, Optional[ProbeData]] = {}
+
+    def encode(params, chunks):
+      out = module.apply({"params": params}, chunks, method=module.encode,
+                         frame_layout="time_major")
+      return out["frames"].astype(np.float32)
+    self._encode = placement.jit(encode, in_shardings=(placement.state.params, placement.batch),
+                                 out_shardings=placement.replicated)
+    self._placement = placement
+
+  @property
+  def active(self) -> bool:
+    """Whether any task is left to probe."""
+    return bool(self._dirs)
+
+  def run(self, params: Any, step: int) -> dict[str, float]:
+    """Probes every task with `params`; returns the scores and the seconds it took."""
+    start = time.perf_counter()
+    scores = {}
+    for task_dir in list(self._dirs):
+      data = self._load(task_dir, step)
+      if data is None:
+        continue
+      embeddings = self.embed(params, data)
+      try:
+        scores[data.name] = linear_probe_score(
+            embeddings[:data.num_fit], data.targets[:data.num_fit], embeddings[data.num_fit:],
+            data.targets[data.num_fit:])
+      except ValueError as e:  # e.g. a split with one class only
+        self._drop(task_dir, step, e)
+    if scores:
+      scores["seconds"] = time.perf_counter() - start
+    return scores
+
+  def embed(self, params: Any, data: ProbeData) -> np.ndarray:
+    """Scene embeddings (clips, features) of `data` under `params`."""
+    size, (index, count) = self._batch, self._rows
+    rows = size // count
+    frames = []
+    for start in range(0, len(data.chunks), size):
+      batch = data.chunks[start:start + size]
+      batch = np.pad(batch, ((0, size - len(batch)), (0, 0), (0, 0)))
+      host_rows = batch[index * rows:(index + 1) * rows]
+      global_batch = jax.make_array_from_process_local_data(self._placement.batch, host_rows)
+      frames.append(np.asarray(self._encode(params, global_batch)))
+    frames = np.concatenate(frames)[:len(data.chunks)]
+    clips = len(data.targets)
+    return np.asarray(hear_api.real_frames(frames, clips, data.pad, self._patch_time)).mean(1)
+
+  def _load(self, task_dir: str, step: int) -> Optional[ProbeData]:
+    """The task's data, read at its first probe; None (and the task dropped on every host) when
+    any host cannot read it."""
+    if task_dir not in self._data:
+      error = None
+      try:
+        self._data[task_dir] = read_task(task_dir, self._chunk_frames, self._max_clips)
+      except (UserError, OSError, ValueError) as e:
+        error = e
+      failed = np.int32(error is not None)
+      if jax.process_count() > 1:
+        failed = np.max(multihost_utils.process_allgather(failed))
+      if failed:
+        self._drop(task_dir, step, error or "another host could not read it")
+        return None
+    return self._data[task_dir]
+
+  def _drop(self, task_dir: str, step: int, error: Any) -> None:
+    logging.warning("probe of %s failed at step %d (%s); training goes on without it", task_dir,
+                    step, error)
+    self._dirs.remove(task_dir)
+    self._data.pop(task_dir, None)
+
