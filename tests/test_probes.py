@@ -3,6 +3,8 @@ the config checks before compiling, a task deleted under the run, and the checkp
 import logging
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from audiomaepp.train.runner import ConfigError
 from conftest import experiment_config
 import faults
 import finetune_tasks
+import main_runs
 
 
 def test_linear_probe_separates_what_is_separable_and_not_noise():
@@ -100,16 +103,8 @@ def test_probe_scores_are_logged_recorded_and_equal_the_hear_api_path(data, tmp_
     saved = checkpointing.saved_record(str(workdir), record["step"])
     assert saved["probe"] == {t: pytest.approx(record[t]) for t in ("tones-v1", "chords-v1")}
   # The last probe, recomputed independently: the restored encoder through the HEAR API.
-  model = hear_api.load_model(str(workdir), step=4)
-  for name in ("tones-v1", "chords-v1"):
-    task = probes.read_task(str(data / name), model.chunk_frames)  # for the targets
-    clips = [audio_lib.load_audio(str(p)) for s in ("train", "valid", "test")
-             for p in sorted((data / name / "16000" / s).iterdir())]
-    embeddings = np.asarray(hear_api.get_scene_embeddings(np.stack(clips), model))
-    n = task.num_fit
-    expected = probes.linear_probe_score(embeddings[:n], task.targets[:n], embeddings[n:],
-                                         task.targets[n:])
-    assert records[-1][name] == pytest.approx(expected, abs=1e-3)
+  expected = _hear_api_scores(workdir, 4, data, ("tones-v1", "chords-v1"))
+  assert {t: records[-1][t] for t in expected} == pytest.approx(expected, abs=1e-3)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -153,3 +148,44 @@ def test_a_task_deleted_under_the_run_warns_once_and_training_goes_on(data, tmp_
              if r["split"] == "probe"]
   assert [r["step"] for r in records] == [2, 4, 6]
   assert all("chords-v1" in r and "doomed-v1" not in r for r in records)
+
+
+def _hear_api_scores(workdir, step, data, names):
+  """The linear probe of each task on the HEAR API's embeddings from the restored checkpoint."""
+  model = hear_api.load_model(str(workdir), step=step)
+  scores = {}
+  for name in names:
+    task = probes.read_task(str(data / name), model.chunk_frames)  # for the targets
+    clips = [audio_lib.load_audio(str(p)) for s in ("train", "valid", "test")
+             for p in sorted((data / name / "16000" / s).iterdir())]
+    embeddings = np.asarray(hear_api.get_scene_embeddings(np.stack(clips), model))
+    n = task.num_fit
+    scores[name] = probes.linear_probe_score(embeddings[:n], task.targets[:n], embeddings[n:],
+                                             task.targets[n:])
+  return scores
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_two_fsdp_hosts_probe_what_the_hear_api_scores(data, tmp_path):
+  """Two processes, the parameters sharded over both: each host feeds its rows of the probe
+  batches; the logged scores equal the HEAR API's on the restored encoder."""
+  workdir = tmp_path / "w"
+  tasks = ",".join(str(data / t) for t in ("tones-v1", "chords-v1"))
+  command = [sys.executable, "main.py", *main_runs.shrunk_demo(4, checkpoint_every=2),
+             f"--workdir={workdir}", "--config.mesh.data=1", "--config.mesh.fsdp=2",
+             "--config.shard_params=True", f"--config.probe.tasks={tasks}",
+             "--config.probe.every_steps=2"]
+  port = main_runs.free_port()
+  procs = [subprocess.Popen(
+      [*command, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=main_runs.REPO,
+      env=main_runs.fast_env(tmp_path / "cache", devices=1), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, start_new_session=True) for i in range(2)]
+  codes, outputs = main_runs.finish(procs)
+  assert codes == [0, 0], "\n".join(o[-2000:] for o in outputs)
+  records = [r for r in metrics.read_jsonl(str(workdir / metrics.METRICS_FILE))
+             if r["split"] == "probe"]
+  assert [r["step"] for r in records] == [2, 4]
+  expected = _hear_api_scores(workdir, 4, data, ("tones-v1", "chords-v1"))
+  assert {t: records[-1][t] for t in expected} == pytest.approx(expected, abs=1e-3)
