@@ -82,11 +82,14 @@ class MetricsWriter:
 
   On resume from `start_step`, JSONL lines past it (written by the interrupted run after its last
   checkpoint, or cut short by a kill) are dropped and TensorBoard purges the same steps, so each
-  step appears once. Only process 0 writes.
+  step appears once. With `total_steps`, a console line names the step as the run's progress:
+  `[train 250/1000 25.0%] loss=...`. Only process 0 writes.
   """
 
-  def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True):
+  def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True,
+               total_steps: Optional[int] = None):
     self.enabled = enabled
+    self.total_steps = total_steps
     self.path = epath.Path(workdir) / METRICS_FILE
     self._tb = None
     if not enabled:
@@ -102,7 +105,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     values = {k: float(v) for k, v in scalars.items()}
-    logging.info("[%s %d] %s", split, step,
+    logging.info("[%s %s] %s", split, progress(step, self.total_steps),
                  ", ".join(f"{k}={_format(k, v)}" for k, v in values.items()))
     for key, value in values.items():
       if math.isfinite(value):
@@ -157,6 +160,13 @@ def _append_line(path: epath.Path, line: str) -> None:
     return
   with path.open("a") as f:
     f.write(line)
+
+
+def progress(step: int, total_steps: Optional[int]) -> str:
+  """'250/1000 25.0%' (or '250' when the total is unknown): where a console line stands."""
+  if not total_steps:
+    return str(step)
+  return f"{step}/{total_steps} {100 * step / total_steps:.1f}%"
 
 
 def _format(key: str, value: float) -> str:

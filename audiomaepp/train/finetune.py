@@ -9,9 +9,11 @@ checkpoints and stops, one-line errors before anything is written. The pretraine
 split is scored (mAP and per-class AP for multi-label tasks, top-1 for single-label ones) to the
 console, TensorBoard and metrics.jsonl, and the parameters with the best validation score so far
 are kept in `workdir/best/` beside the latest checkpoints; at the end the best parameters are
-scored on the test split.
+scored on the test split and `workdir/summary.json` records the best step with its validation
+and test scores (`SUMMARY_FILE`), which the last console lines repeat.
 """
 import functools
+import json
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -35,6 +37,8 @@ from audiomaepp.train import runner
 from audiomaepp.train import workdir as workdir_lib
 from audiomaepp.train.checkpointer import BEST_DIR, BestCheckpoint
 from audiomaepp.train.runner import ConfigError, RunResult
+
+SUMMARY_FILE = "summary.json"
 
 
 def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
@@ -166,6 +170,7 @@ class FinetuneTask(runner.Task):
     self._predict_fn = None
     self._placement: Optional[runner.Placement] = None
     self._writer: Optional[metrics_lib.MetricsWriter] = None
+    self._workdir: Optional[str] = None
 
   @property
   def num_classes(self) -> int:
@@ -225,8 +230,7 @@ class FinetuneTask(runner.Task):
 
   def start(self, placement: runner.Placement, writer: metrics_lib.MetricsWriter,
             workdir: str) -> None:
-    del workdir
-    self._placement, self._writer = placement, writer
+    self._placement, self._writer, self._workdir = placement, writer, workdir
     self._predict_fn = placement.jit(
         functools.partial(step_lib.predict_step, model=self.model),
         in_shardings=(placement.state.params, {"spectrogram": placement.batch}),
@@ -244,19 +248,32 @@ class FinetuneTask(runner.Task):
 
   def finish(self, state: runner.TrainState, result: RunResult,
              best: Optional[BestCheckpoint]) -> None:
-    """Scores the best checkpoint on the test split, when the run has one."""
+    """Scores the best checkpoint on the test split (when the run has one) and writes
+    `SUMMARY_FILE`."""
     del state
-    if not self.splits["test"] or best is None or best.score() is None:
+    if best is None or best.score() is None:
       return
     best_step, params = best.restore(runner.with_shardings(step_lib.abstract_params(self.model),
                                                            self._placement.state.params))
-    try:
-      test_split = self.data.load(self.splits["test"])
-    except UserError as e:
-      raise ConfigError(str(e)) from None
-    out = self._score("test", params, test_split, result.step)
-    logging.info("test %s of the best checkpoint (step %d): %.4f",
-                 "mAP" if self.data.multilabel else "top-1", best_step, out["score"])
+    test_score = None
+    if self.splits["test"]:
+      try:
+        test_split = self.data.load(self.splits["test"])
+      except UserError as e:
+        raise ConfigError(str(e)) from None
+      test_score = self._score("test", params, test_split, result.step)["score"]
+    metric = "mAP" if self.data.multilabel else "top1_acc"
+    summary = {"task": self.data.name, "metric": metric, "steps": result.step,
+               "best_step": best_step, "eval_split": self.splits["eval"],
+               "eval_score": best.score(), "test_split": self.splits["test"] or None,
+               "test_score": test_score}
+    path = checkpointing.workdir_path(self._workdir) / SUMMARY_FILE
+    if jax.process_index() == 0:
+      path.write_text(json.dumps(summary, indent=1) + "\n")
+    test = "no test split" if test_score is None else (
+        f"{self.splits['test']} {metric} {test_score:.4f}")
+    logging.info("best checkpoint: step %d of %d, %s %s %.4f, %s (%s)", best_step, result.step,
+                 self.splits["eval"], metric, summary["eval_score"], test, path)
 
   def _score(self, name: str, params: Any, split: labelled.LabelledSplit, step: int
              ) -> dict[str, Any]:

@@ -417,7 +417,8 @@ def run(task: Task, workdir: str, on_step: Optional[Callable[[int], None]] = Non
     best = BestCheckpoint(workdir) if task.keeps_best else None
     if best is not None:
       closers.append(best.close)
-    writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main)
+    writer = metrics_lib.MetricsWriter(workdir, start_step, enabled=is_main,
+                                       total_steps=total_steps)
     closers.append(writer.close)
     train_fn = compile_train_step(task, tx, schedule, placement)
     closers.append(task.close)
