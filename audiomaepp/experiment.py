@@ -93,11 +93,13 @@ def base_config(size: Optional[str] = "base", block: str = "plusplus"
   c.checkpoint_every_steps = 4000
   c.keep_checkpoints = 5
   # Linear probes of the encoder while it trains (`audiomaepp.train.probes`): HEAR task folders,
-  # comma-separated ('': none), scored every `every_steps` steps and at the last step, on a
-  # class-balanced subset of `max_clips` clips of each task (0: every clip).
+  # comma-separated ('': none), scored every `every_steps` steps (`doubling`: at every_steps x
+  # 1, 2, 4, ...) and at the last step, on a class-balanced subset of `max_clips` clips of each
+  # task (0: every clip).
   c.probe = ml_collections.ConfigDict()
   c.probe.tasks = ""
   c.probe.every_steps = 1000
+  c.probe.doubling = False
   c.probe.max_clips = 0
   # Per-device peak FLOP/s for the MFU estimate on devices not in metrics.PEAK_FLOPS (0: unknown).
   c.peak_flops = 0.0

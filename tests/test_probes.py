@@ -49,6 +49,16 @@ def test_linear_probe_map_equals_the_mean_of_per_class_average_precisions():
   assert score == pytest.approx(100 * expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("doubling, expected", [
+    (False, [250, 500, 750, 1000, 1250, 1500, 1750, 1800]),
+    (True, [250, 500, 1000, 1800]),
+])
+def test_probes_run_every_n_steps_or_at_doubling_steps_and_at_the_last(doubling, expected):
+  probe = experiment_config("demo").probe
+  probe.every_steps, probe.doubling = 250, doubling
+  assert [s for s in range(1, 1801) if probes.due(s, probe, 1800)] == expected
+
+
 def test_a_balanced_subset_takes_each_class_in_turn_in_file_order():
   labels = [["a"], ["a"], ["a"], ["b"], ["c"], ["c"], ["a"], ["b"]]
   assert probes.balanced_subset(labels, 3) == [0, 3, 4]

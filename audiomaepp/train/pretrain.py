@@ -145,7 +145,7 @@ class PretrainTask(runner.Task):
 
   def _probes_due(self, step: int) -> bool:
     return (self._probes is not None and self._probes.active
-            and runner.due(step, self.config.probe.every_steps, self._total_steps))
+            and probes.due(step, self.config.probe, self._total_steps))
 
   def evaluate(self, state: runner.TrainState, step: int) -> Optional[dict[str, Any]]:
     """Whichever is due at `step`: the validation loss over `eval_batches` held-out batches

@@ -1,6 +1,7 @@
 """Linear probes of the encoder while it pretrains (`config.probe`).
 
-Every `config.probe.every_steps` (and at the last step) the pretraining job embeds the clips of
+Every `config.probe.every_steps` (or, with `probe.doubling`, at every_steps x 1, 2, 4, ...; and
+at the last step) the pretraining job embeds the clips of
 each HEAR task folder of `config.probe.tasks` with the current encoder, as the HEAR API does
 (`hear_api.log_mel_chunks`: standardised log-mel chunks; the scene embedding is the mean of the
 real frames), on the training devices: the chunks go through in global batches sharded like
@@ -59,6 +60,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"config.probe.tasks: {task_dir} and {names[task.name]} have the same "
                       f"name {task.name!r}")
     names[task.name] = task_dir
+
+
+def due(step: int, probe: ml_collections.ConfigDict, total_steps: int) -> bool:
+  """Whether probes run after `step`: every `probe.every_steps` steps, or with `probe.doubling`
+  at every_steps, 2 x every_steps, 4 x every_steps, ... (budgets evenly spaced on a log scale);
+  and at the last step."""
+  every = int(probe.every_steps)
+  if step == total_steps:
+    return True
+  if probe.doubling:
+    return step >= every and step % every == 0 and (step // every) & (step // every - 1) == 0
+  return step % every == 0
 
 
 def fit_and_test_splits(metadata: dict[str, Any]) -> tuple[list[str], str]:
