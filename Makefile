@@ -8,10 +8,14 @@ STAMP := $(VENV)/.installed
 TORCH_STAMP := $(VENV)/.torch
 APT_PACKAGES := espeak-ng fluidsynth fluid-soundfont-gm
 SOUNDFONT := /usr/share/sounds/sf2/FluidR3_GM.sf2
-# The real recordings of the built-in 'real' corpus and the drums task (benchmarks/study.py).
+# The real recordings of the built-in 'real' corpus, the drums task and the packaged tasks
+# (environmental sounds, language and speaker: audiomaepp/evaluation/packaged_tasks.py), all for
+# benchmarks/study.py.
 REAL_PACKAGES := asterisk-core-sounds-en-wav asterisk-core-sounds-es-wav asterisk-core-sounds-fr-wav \
   asterisk-core-sounds-it-wav asterisk-moh-opsound-wav colobot-common-sounds drascula-music \
-  sound-theme-freedesktop hydrogen-drumkits
+  sound-theme-freedesktop hydrogen-drumkits \
+  tuxpaint-stamps-default scratch minetest-data lincity-ng-data fillets-ng-data-cs \
+  fillets-ng-data-nl asterisk-prompt-es-co asterisk-prompt-fr-armelle asterisk-core-sounds-ru-wav
 WORKDIR ?= workdirs/demo
 
 .PHONY: setup demo deps deps-real test test-fast test-slow test-all
@@ -39,10 +43,11 @@ deps:
 	  apt-get install -y -q $(APT_PACKAGES) >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q $(APT_PACKAGES) >/dev/null); \
 	else echo "error: the tests need $(APT_PACKAGES): install them (sudo apt-get install -y $(APT_PACKAGES)) and run make again" >&2; exit 1; fi
 
-# Debian packages of real recordings (about 450 MB installed), for config.data.source='real'
-# and the drums task (benchmarks/study.py).
+# Debian packages of real recordings (about 900 MB installed), for config.data.source='real'
+# and the evaluation tasks on real recordings (benchmarks/study.py). Without recommends: the
+# recordings, not the games that would play them.
 deps-real:
-	apt-get install -y -q $(REAL_PACKAGES) >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q $(REAL_PACKAGES) >/dev/null)
+	apt-get install -y -q --no-install-recommends $(REAL_PACKAGES) >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(REAL_PACKAGES) >/dev/null)
 
 demo: $(STAMP)
 	$(PY) main.py --config=configs/demo.py --workdir=$(WORKDIR)
