@@ -1,27 +1,31 @@
-r"""Does pretraining pay? A miniature of the paper's comparison, end to end on one machine.
+r"""Does pretraining pay, and where does AudioMAE++ beat MAE? A miniature of the paper's
+comparison, end to end on one machine.
 
     python benchmarks/study.py --workdir=workdirs/study [--corpus=real] [--scale=1] \
         [--output=docs/results.md]
 
-1. Generates the kws and pitch tasks of ../shared/evalsuite/make_suite.py (seed 0) and the drums
-   task on real drum-kit recordings (`audiomaepp.evaluation.drums`), and builds the pretraining
-   corpus: `real` (default), the built-in corpus of real recordings (speech prompts, music and
-   sound effects from Debian packages; `audiomaepp.data.real`), or `rich` (espeak-ng speech,
-   FluidSynth music, synthetic sounds; `audiomaepp.data.rich`). Neither shares a recording,
-   word, melody or random stream with the tasks.
-2. Pretrains `configs/study.py` (micro AudioMAE++) and `configs/study.py:vit` (micro vanilla MAE)
-   at equal budget: same widths, depths, data, steps and batch (workdirs WORKDIR/audiomaepp and
-   WORKDIR/mae, as `main.py` would write them).
-3. Embeds the tasks with each, with the AudioMAE++ encoder at its random initialisation (the
-   parameters its pretraining started from) and with the log-mel baseline (per-clip mean and
-   standard deviation over time of the 80 log-mel bins: 160 values).
-4. Evaluates every row with the HEAR protocol of `audiomaepp.tools.evaluate` (10 seeds) and
-   writes OUTPUT (default WORKDIR/results.md): the table (mean ± 95% CI, normalised score over the rows),
-   the goals, the loss curves and a plot (PNGs beside it).
+1. Writes the tasks: kws and pitch of ../shared/evalsuite/make_suite.py (seed 0), drums on real
+   drum-kit recordings (`audiomaepp.evaluation.drums`) and the tasks on real recordings of the
+   families where the paper's Tiny AudioMAE++ beats MAE (`audiomaepp.evaluation.packaged_tasks`:
+   environmental sounds, spoken language, speaker), and builds the pretraining corpus: `real`
+   (default; `audiomaepp.data.real`) or `rich` (`audiomaepp.data.rich`). No task shares a
+   recording with the corpus.
+2. Pretrains four models at equal budget, as `main.py` would (workdirs WORKDIR/<row>): the
+   primary pair with the paper's positions (fixed sin-cos, no RoPE), `configs/study.py`
+   (AudioMAE++) and `configs/study.py:vit` (MAE), and the ablation pair with rotary 2-D patch
+   positions (`:plusplus,patch_2d`, `:vit,patch_2d`). Each run probes every task while it trains
+   (`config.probe`, `audiomaepp.train.probes`): the trend over clips seen.
+3. Embeds the tasks with each pretrained encoder, with the AudioMAE++ encoder at its random
+   initialisation and with the log-mel baseline (per-clip mean and standard deviation over time
+   of the 80 log-mel bins: 160 values).
+4. Evaluates every row with the HEAR protocol of `audiomaepp.tools.evaluate` (`--seeds` seeds)
+   and writes OUTPUT (default WORKDIR/results.md): the table with the normalised score s(m), the
+   sign of AudioMAE++ - MAE per family next to the paper's Tiny rows, the goals, the probes'
+   trend, the probe's ranking against the protocol's, loss curves and plots (PNGs beside it).
 
 Every stage is resumable: a rerun reuses the built corpus and tasks, finished pretraining,
 complete embeddings and evaluated tasks. `--scale=k` multiplies the corpus size, the training
-steps and the checkpoint and eval intervals by k. `--order` is the probe's training order
+steps and the checkpoint, eval and probe intervals by k. `--order` is the probe's training order
 (default `heareval`, the paper's protocol). Text after the notes marker in OUTPUT is kept when it
 is rewritten.
 """
@@ -49,15 +53,18 @@ from audiomaepp.data import pipeline
 from audiomaepp.evaluation import drums
 from audiomaepp.evaluation import embedding
 from audiomaepp.evaluation import heareval
+from audiomaepp.evaluation import packaged_tasks
 from audiomaepp.evaluation import probe
 from audiomaepp.evaluation import scores
 from audiomaepp.evaluation import tasks as tasks_lib
+from audiomaepp.train import probes
 from audiomaepp.train import step as step_lib
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _MAKE_SUITE = _REPO.parent / "shared" / "evalsuite" / "make_suite.py"
 _CONFIG = _REPO / "configs" / "study.py"
 NOTES_MARKER = "<!-- notes: everything below is kept when benchmarks/study.py rewrites this file -->"
+_SUITE_TASKS = ("kws", "pitch")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where tasks, models, embeddings and scores go.",
                                required=True)
@@ -65,9 +72,11 @@ _OUTPUT = flags.DEFINE_string("output", None, "The report (default WORKDIR/resul
                               "are written beside it.")
 _CORPUS = flags.DEFINE_enum("corpus", "real", ["real", "rich"], "The pretraining corpus.")
 _SCALE = flags.DEFINE_integer("scale", 1, "Multiplies the corpus size and the training steps.")
-_TASKS = flags.DEFINE_list("eval_tasks", ["kws", "pitch", drums.NAME],
-                           f"Tasks to evaluate: make_suite.py's and {drums.NAME!r}.")
-_PER_CLASS = flags.DEFINE_integer("per_class", 30, "Clips per class of each task.")
+_TASKS = flags.DEFINE_list(
+    "eval_tasks", [*_SUITE_TASKS, drums.NAME, *packaged_tasks.NAMES],
+    f"Tasks to evaluate: make_suite.py's {_SUITE_TASKS}, {drums.NAME!r} and those of "
+    "audiomaepp.evaluation.packaged_tasks.")
+_PER_CLASS = flags.DEFINE_integer("per_class", 30, "Clips per class of make_suite.py's tasks.")
 _SEEDS = flags.DEFINE_integer("seeds", 10, "Probe seeds per grid point.")
 _ORDER = flags.DEFINE_enum(
     "order", "heareval", heareval.ORDERS, "Probe training order, as `tools.evaluate --order`: "
@@ -76,23 +85,34 @@ _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 500, "Probe epoch limit (lower:
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: the config's, x scale).")
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", None, "Corpus size (default: the config's, x scale).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the corpus is built (default: cache).")
-_TREND_STEPS = flags.DEFINE_list(
-    "trend_steps", [], "Also probe both pretrained models at these checkpoint steps (the trend "
-    "adds the final step itself): does the score still rise with the steps? With the default "
-    "steps, configs/study.py keeps 4 checkpoints, one every 250 x --scale steps: 250, 500, 750, "
-    "1000 at --scale=1; 500, 1000, 1500, 2000 at --scale=2.")
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Run nothing: write the report from what is done (the rest: 'pending').")
-_TREND_SEEDS = flags.DEFINE_integer(
-    "trend_seeds", 3, "Probe seeds of the trend rows (0: representation checks only).")
 
-# Row name -> (config argument, pretrained?); the log-mel baseline is the last row.
+# Row name -> (configs/study.py argument, pretrained?); the log-mel baseline is the last row.
 MODELS = {
     "AudioMAE++": ("plusplus", True),
     "MAE": ("vit", True),
+    "AudioMAE++ (2-D RoPE)": ("plusplus,patch_2d", True),
+    "MAE (2-D RoPE)": ("vit,patch_2d", True),
     "AudioMAE++ (random init)": ("plusplus", False),
 }
+PRIMARY = ("AudioMAE++", "MAE")  # the paper's positions; the pair the goals compare
 LOGMEL = "log-mel mean+std"
+ROWS = (*MODELS, LOGMEL)
+PRETRAINED = tuple(row for row, (_, pretrained) in MODELS.items() if pretrained)
+RANDOM_INIT = "AudioMAE++ (random init)"
+# Task -> (family, the paper's task of that family, its AudioMAE++-Tiny and MAE-Tiny scores;
+# paper Table 2). Speaker identity is compared with CREMA-D, the paper's task on speakers'
+# voices (emotion).
+FAMILIES = {
+    "kws-v1": ("keyword spotting", "SpeechCommands 5h", 74.0, 74.3),
+    "pitch-v1": ("pitch", "NSynth pitch 5h", 64.0, 66.4),
+    "drums-v1": ("percussion strokes", "Mridangam stroke", 96.7, 97.1),
+    "env_sounds-v1": ("environmental sounds", "ESC-50", 76.6, 70.1),
+    "language_id-v1": ("language identification", "VoxLingua107 top 10", 32.1, 26.4),
+    "speaker_id-v1": ("speaker identity", "CREMA-D (emotion)", 65.1, 63.2),
+}
+PAPER_SM = (78.8, 77.6)  # s(m) of AudioMAE++-Tiny and MAE-Tiny
 CORPORA = {
     "real": "the built-in corpus of real recordings (`config.data.source='real'`, "
             "`audiomaepp/data/real.py`): 10-s clips of speech prompts in four languages, music "
@@ -100,19 +120,23 @@ CORPORA = {
     "rich": "the rich built-in corpus (`config.data.source='rich'`, `audiomaepp/data/rich.py`): "
             "clips of 2-6 s of espeak-ng speech, FluidSynth music, synthetic sounds and mixtures.",
 }
-ROWS = (*MODELS, LOGMEL)
 
 
-def study_config(block: str) -> ml_collections.ConfigDict:
-  """configs/study.py for `block`, with the command line's corpus size and steps."""
-  config = experiment.load_config(_CONFIG, block)
+def task_names() -> list[str]:
+  return [f"{t}-v1" for t in _TASKS.value]
+
+
+def study_config(arg: str, tasks_dir: pathlib.Path) -> ml_collections.ConfigDict:
+  """configs/study.py:`arg` with the command line's corpus size and steps, probing the tasks."""
+  config = experiment.load_config(_CONFIG, arg)
   config.data.source = _CORPUS.value
   config.data.synthetic_num_clips = _NUM_CLIPS.value or config.data.synthetic_num_clips * _SCALE.value
   config.data.data_dir = _DATA_DIR.value
   config.num_train_steps = _STEPS.value or config.num_train_steps * _SCALE.value
-  # The kept checkpoints stay spread over the run (the trend probes them).
   config.checkpoint_every_steps *= _SCALE.value
   config.eval_every_steps *= _SCALE.value
+  config.probe.every_steps *= _SCALE.value
+  config.probe.tasks = ",".join(str(tasks_dir / t) for t in task_names())
   return config
 
 
@@ -152,105 +176,90 @@ def main(argv):
   env = common.environment()
 
   tasks_dir = workdir / "tasks"
-  task_names = [f"{t}-v1" for t in _TASKS.value]
+  names = task_names()
   stages.run("tasks", lambda: make_tasks(tasks_dir),
-             done=all((tasks_dir / t / "task_metadata.json").exists() for t in task_names))
+             done=all((tasks_dir / t / "task_metadata.json").exists() for t in names))
 
-  configs = {row: study_config(block) for row, (block, _) in MODELS.items()}
+  configs = {row: study_config(arg, tasks_dir) for row, (arg, _) in MODELS.items()}
   data = configs["AudioMAE++"].data
   stages.run("corpus", lambda: pipeline.ensure_dataset(data), done=os.path.isdir(
       pipeline.BUILT_IN[data.source].dataset_dir(data.data_dir, data.synthetic_num_clips)))
-  for row, (block, pretrained) in MODELS.items():
-    if pretrained:
-      run_dir = workdir / ("audiomaepp" if block == "plusplus" else "mae")
-      stages.run(f"pretrain {row}", lambda c=configs[row], d=run_dir: train.run(c, str(d)),
-                 done=_finished(run_dir, configs[row].num_train_steps))
+  run_dirs = {row: workdir / _slug(row) for row in PRETRAINED}
+  for row, run_dir in run_dirs.items():
+    stages.run(f"pretrain {row}", lambda c=configs[row], d=run_dir: train.run(c, str(d)),
+               done=_finished(run_dir, configs[row].num_train_steps))
 
-  run_dirs = {"AudioMAE++": workdir / "audiomaepp", "MAE": workdir / "mae"}
-  models_to_embed = {row: (lambda r=row: hear_api.load_model(str(run_dirs[r])))
-                     if pretrained else (lambda r=row: random_init_model(configs[r]))
-                     for row, (_, pretrained) in MODELS.items()}
-  for step in _TREND_STEPS.value:
-    for row, run_dir in run_dirs.items():
-      models_to_embed[f"{row} @ step {step}"] = (
-          lambda d=run_dir, s=int(step): hear_api.load_model(str(d), step=s))
-  for row, load in models_to_embed.items():
+  loaders = {row: (lambda r=row: hear_api.load_model(str(run_dirs[r]))) if pretrained
+             else (lambda r=row: random_init_model(configs[r]))
+             for row, (_, pretrained) in MODELS.items()}
+  for row, load in loaders.items():
     out = workdir / "embeddings" / _slug(row)
     stages.run(f"embed {row}", lambda l=load, o=out: [
         embedding.embed_task(str(tasks_dir / t), embedding.model_embedder(l()), str(o))
-        for t in task_names],
-               done=all(tasks_lib.has_task_embeddings(out, t) for t in task_names))
+        for t in names], done=all(tasks_lib.has_task_embeddings(out, t) for t in names))
   out = workdir / "embeddings" / _slug(LOGMEL)
   baseline = embedding.baseline_embedder("logmel_stats")
   stages.run(f"embed {LOGMEL}",
-             lambda: [embedding.embed_task(str(tasks_dir / t), baseline, str(out))
-                      for t in task_names],
-             done=all(tasks_lib.has_task_embeddings(out, t) for t in task_names))
+             lambda: [embedding.embed_task(str(tasks_dir / t), baseline, str(out)) for t in names],
+             done=all(tasks_lib.has_task_embeddings(out, t) for t in names))
 
   config = probe.ProbeConfig(max_epochs=_MAX_EPOCHS.value, shuffle=_ORDER.value == "shuffle")
-  evaluate = lambda row, seeds: {t: _evaluate(workdir, row, t, seeds, config, stages)
-                                 for t in task_names}
-  results = {row: evaluate(row, list(range(_SEEDS.value))) for row in ROWS}
-  trend = {row: evaluate(row, list(range(_TREND_SEEDS.value)))
-           for row in models_to_embed if "@ step" in row and _TREND_SEEDS.value}
-  if trend:  # the final checkpoints, with the trend's seeds
-    trend.update({f"{row} @ step {configs[row].num_train_steps}":
-                  evaluate(row, list(range(_TREND_SEEDS.value))) for row in run_dirs})
-
+  results = {row: {t: _evaluate(workdir, row, t, list(range(_SEEDS.value)), config, stages)
+                   for t in names} for row in ROWS}
   checks = {row: {t: _cached(workdir / "checks" / _slug(row) / f"{t}.json",
                              lambda r=row, t=t: representation_checks(
                                  workdir / "embeddings" / _slug(r) / t))
-                  for t in task_names}
-            for row in (*ROWS, *(r for r in models_to_embed if r not in ROWS))
+                  for t in names}
+            for row in ROWS
             if all(tasks_lib.has_task_embeddings(workdir / "embeddings" / _slug(row), t)
-                   for t in task_names)}
+                   for t in names)}
   output = pathlib.Path(_OUTPUT.value or workdir / "results.md")
-  curves = {row: metrics.read_jsonl(str(d / metrics.METRICS_FILE)) for row, d in run_dirs.items()}
-  plot_loss_curves(curves, output.with_name(output.stem + "_loss.png"))
-  plot_scores(results, task_names, output.with_name(output.stem + "_scores.png"))
+  records = {row: metrics.read_jsonl(str(d / metrics.METRICS_FILE)) for row, d in run_dirs.items()}
+  plot_loss_curves(records, output.with_name(output.stem + "_loss.png"))
+  plot_scores(results, names, output.with_name(output.stem + "_scores.png"))
+  plot_probes(records, names, configs["AudioMAE++"].batch_size,
+              output.with_name(output.stem + "_probes.png"))
   setup = {"config": configs["AudioMAE++"], "per_class": _PER_CLASS.value, "seeds": _SEEDS.value,
            "order": _ORDER.value,
-           "trend_seeds": _TREND_SEEDS.value,
-           "params": {row: models.parameter_counts(configs[row].model) for row in run_dirs},
+           "params": {row: models.parameter_counts(configs[row].model) for row in PRIMARY},
            # The command that makes this report (--report_only only changes what is run).
            "command": " ".join(["python", "benchmarks/study.py",
                                 *(a for a in sys.argv[1:] if a != "--report_only")])}
-  write_report(output, results, trend, checks, task_names, curves, setup, stages.times, env)
+  write_report(output, results, records, checks, names, setup, stages.times, env)
   print(f"[study] wrote {output}")
 
 
 def make_tasks(tasks_dir: pathlib.Path) -> None:
-  """Writes the evaluated tasks: make_suite.py's (seed 0) and the drums task."""
-  suite = [t for t in _TASKS.value if t != drums.NAME]
+  """Writes the evaluated tasks: make_suite.py's (seed 0), drums and the packaged ones."""
+  suite = [t for t in _TASKS.value if t in _SUITE_TASKS]
   if suite:
     subprocess.run([sys.executable, str(_MAKE_SUITE), "--out", str(tasks_dir), "--tasks",
                     ",".join(suite), "--per_class", str(_PER_CLASS.value), "--seed", "0"],
                    check=True)
   if drums.NAME in _TASKS.value:
     drums.write_task(str(tasks_dir), seed=0)
+  for name in packaged_tasks.NAMES:
+    if name in _TASKS.value:
+      packaged_tasks.write_task(name, str(tasks_dir), seed=0)
 
 
 def representation_checks(task_dir: pathlib.Path) -> dict:
   """Cheap second opinions on one row's embeddings of one task (seconds, not the protocol).
 
-  `linear`: test accuracy (%) of a multinomial logistic regression on train-standardised
-  embeddings (train + valid to fit), which sees past the scale of the features; `rank`: the
-  effective rank (exp of the entropy of the normalised singular values) of the centred train
-  embeddings, low when the features collapse onto a few directions.
+  `linear`: the probes' linear probe (`probes.linear_probe_score`: a logistic regression on
+  train-standardised embeddings, fit on train + valid) on every clip; `rank`: the effective rank
+  (exp of the entropy of the normalised singular values) of the centred train embeddings, low
+  when the features collapse onto a few directions.
   """
-  from sklearn import linear_model  # pylint: disable=import-outside-toplevel
-  from sklearn import preprocessing  # pylint: disable=import-outside-toplevel
   task = tasks_lib.read_task_embeddings(task_dir)
   fit = ["train", "valid"]
-  x_fit, y_fit = task.embeddings(fit), task.targets(fit).argmax(1)
-  x_test, y_test = task.embeddings(["test"]), task.targets(["test"]).argmax(1)
-  scaler = preprocessing.StandardScaler().fit(x_fit)
-  classifier = linear_model.LogisticRegression(max_iter=3000).fit(scaler.transform(x_fit), y_fit)
+  linear = probes.linear_probe_score(task.embeddings(fit), task.targets(fit).argmax(1),
+                                     task.embeddings(["test"]), task.targets(["test"]).argmax(1))
   train = task.embeddings(["train"])
   singular = np.linalg.svd(train - train.mean(0), compute_uv=False)
   p = singular / singular.sum()
-  return {"linear": 100 * float((classifier.predict(scaler.transform(x_test)) == y_test).mean()),
-          "rank": float(np.exp(-(p * np.log(p + 1e-12)).sum())), "dim": int(train.shape[1])}
+  return {"linear": linear, "rank": float(np.exp(-(p * np.log(p + 1e-12)).sum())),
+          "dim": int(train.shape[1])}
 
 
 def _cached(path: pathlib.Path, compute) -> dict:
@@ -279,14 +288,8 @@ def _evaluate(workdir: pathlib.Path, row: str, task: str, seeds: list, config: p
   return result.to_json()
 
 
-def _model_then_step(item: tuple[str, object]) -> tuple[str, int]:
-  """Sort key of a trend row 'MODEL @ step N': the model, then N as a number."""
-  model, _, step = item[0].partition(" @ step ")
-  return model, int(step)
-
-
 def _slug(row: str) -> str:
-  return "".join(c if c.isalnum() else "_" for c in row.lower()).strip("_")
+  return "_".join("".join(c if c.isalnum() else " " for c in row.lower()).split())
 
 
 def _finished(run_dir: pathlib.Path, steps: int) -> bool:
@@ -294,23 +297,92 @@ def _finished(run_dir: pathlib.Path, steps: int) -> bool:
   return any(r.get("step") == steps and r.get("split") == "train" for r in records)
 
 
-def plot_loss_curves(curves: dict, path: pathlib.Path) -> None:
+def probe_curves(records: dict, task_names: list) -> dict:
+  """Row -> {step: {task: score}} of the probes logged while pretraining (steps with every
+  task)."""
+  return {row: {r["step"]: {t: r[t] for t in task_names} for r in recs
+                if r.get("split") == "probe" and all(r.get(t) is not None for t in task_names)}
+          for row, recs in records.items()}
+
+
+def trend(records: dict, task_names: list, batch_size: int) -> list[dict]:
+  """Per probed step of the primary pair: clips seen, AudioMAE++ - MAE per task and in s(m)
+  (normalised per task over both models' probes at every step)."""
+  curves = probe_curves({row: records.get(row, []) for row in PRIMARY}, task_names)
+  steps = sorted(set(curves[PRIMARY[0]]) & set(curves[PRIMARY[1]]))
+  if not steps:
+    return []
+  points = {f"{row}@{s}": curves[row][s] for row in PRIMARY for s in steps}
+  normalised = scores.normalized_scores(points, task_names)
+  return [{"step": s, "clips": s * batch_size,
+           "gaps": {t: curves[PRIMARY[0]][s][t] - curves[PRIMARY[1]][s][t] for t in task_names},
+           "sm_gap": normalised[f"{PRIMARY[0]}@{s}"] - normalised[f"{PRIMARY[1]}@{s}"]}
+          for s in steps]
+
+
+def probe_overhead(records: list, stage_seconds: float | None) -> float | None:
+  """Share of a pretraining run's time spent probing: probe seconds / the rest of the run."""
+  spent = sum(r.get("seconds") or 0.0 for r in records if r.get("split") == "probe")
+  if not stage_seconds or not spent:
+    return None
+  return spent / (stage_seconds - spent)
+
+
+def kendall_tau(a: list, b: list) -> float:
+  """Kendall's tau-b of two score lists (the rankings' agreement: 1 equal, -1 reversed)."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  return float(stats.kendalltau(a, b).statistic)
+
+
+def plot_loss_curves(records: dict, path: pathlib.Path) -> None:
   """Train (lines) and eval (markers) masked-patch MSE of the pretrained models against step."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(7, 4))
-  for (row, records), color in zip(curves.items(), ("tab:blue", "tab:orange")):
+  for (row, recs), color in zip(records.items(), ("tab:blue", "tab:orange", "tab:cyan",
+                                                  "tab:red")):
     for split, style in (("train", "-"), ("eval", "o--")):
-      points = [(r["step"], r["loss"]) for r in records if r.get("split") == split]
+      points = [(r["step"], r["loss"]) for r in recs if r.get("split") == split]
       if points:
         ax.plot(*zip(*points), style, color=color, label=f"{row} {split}", markersize=4)
   ax.set_xlabel("step")
   ax.set_ylabel("masked-patch MSE")
   ax.grid(True, alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize="small")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_probes(records: dict, task_names: list, batch_size: int, path: pathlib.Path) -> None:
+  """One panel per task: each pretrained model's probe score against clips seen (log scale)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  curves = probe_curves(records, task_names)
+  columns = 3
+  rows = -(-len(task_names) // columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+  styles = {"AudioMAE++": ("tab:blue", "o-"), "MAE": ("tab:orange", "o-"),
+            "AudioMAE++ (2-D RoPE)": ("tab:blue", "x:"), "MAE (2-D RoPE)": ("tab:orange", "x:")}
+  for ax, task in zip(axes.flat, task_names):
+    for row, points in curves.items():
+      if points:
+        steps = sorted(points)
+        color, style = styles.get(row, ("gray", "o-"))
+        ax.plot([s * batch_size for s in steps], [points[s][task] for s in steps], style,
+                color=color, label=row, markersize=4)
+    ax.set_xscale("log")
+    ax.set_title(task)
+    ax.set_xlabel("clips seen")
+    ax.set_ylabel("probe score (%)")
+    ax.grid(True, alpha=0.3)
+  for ax in list(axes.flat)[len(task_names):]:
+    ax.axis("off")
+  axes.flat[0].legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
@@ -319,111 +391,200 @@ def plot_scores(results: dict, task_names: list, path: pathlib.Path) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig, ax = plt.subplots(figsize=(9, 4))
   width = 0.8 / len(results)
   for i, (row, by_task) in enumerate(results.items()):
     ax.bar(np.arange(len(task_names)) + (i - (len(results) - 1) / 2) * width,
            [by_task[t]["mean"] if by_task[t] else np.nan for t in task_names], width,
-           yerr=[by_task[t]["ci"] or 0.0 if by_task[t] else 0.0 for t in task_names], capsize=3,
+           yerr=[by_task[t]["ci"] or 0.0 if by_task[t] else 0.0 for t in task_names], capsize=2,
            label=row)
   ax.set_xticks(range(len(task_names)), task_names)
   ax.set_ylabel("test accuracy (%)")
   ax.set_ylim(0, 100)
-  ax.legend(fontsize="small")
+  ax.legend(fontsize="x-small", ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
+def _complete(results: dict, task_names: list) -> dict:
+  """Row -> task -> mean of the rows evaluated on every task."""
+  return {row: {t: by_task[t]["mean"] for t in task_names}
+          for row, by_task in results.items() if all(by_task[t] for t in task_names)}
+
+
 def goals(results: dict, task_names: list) -> list[tuple[str, bool, str]]:
-  """The study's three goals: (statement, met? (None: pending), the numbers behind it)."""
-  if any(results[row][t] is None for row in results for t in task_names):
-    return [(goal, None, "not all rows are evaluated yet") for goal in (
-        "pretrained > random init on every task", "AudioMAE++ >= MAE",
-        "pretrained > log-mel baseline on at least one task")]
-  mean = lambda row, t: results[row][t]["mean"]
-  pretrained = [r for r, (_, p) in MODELS.items() if p]
-  random_init = next(r for r, (_, p) in MODELS.items() if not p)
+  """The study's goals: (statement, met? (None: pending), the numbers behind it)."""
+  statements = ("AudioMAE++ > MAE on environmental sounds and on language identification",
+                "s(m) of AudioMAE++ >= s(m) of MAE",
+                "pretrained > random init on every task but pitch")
+  means = _complete(results, task_names)
+  if any(row not in means for row in (*PRIMARY, RANDOM_INIT)):
+    return [(goal, None, "not all rows are evaluated yet") for goal in statements]
+  mean = lambda row, t: means[row][t]
+  claimed = [t for t in task_names if FAMILIES.get(t, ("",))[0] in (
+      "environmental sounds", "language identification")]
+  s = scores.normalized_scores(means, task_names)
+  not_pitch = [t for t in task_names if t != "pitch-v1"]
   return [
-      ("pretrained > random init on every task",
-       all(mean(r, t) > mean(random_init, t) for r in pretrained for t in task_names),
-       "; ".join(f"{t}: " + ", ".join(f"{r} {mean(r, t):.1f}" for r in (*pretrained, random_init))
-                 for t in task_names)),
-      ("AudioMAE++ >= MAE",
-       all(mean("AudioMAE++", t) >= mean("MAE", t) for t in task_names),
-       "; ".join(f"{t}: {mean('AudioMAE++', t):.1f} vs {mean('MAE', t):.1f}" for t in task_names)),
-      ("pretrained > log-mel baseline on at least one task",
-       any(mean(r, t) > mean(LOGMEL, t) for r in pretrained for t in task_names),
-       "; ".join(f"{t}: best pretrained {max(mean(r, t) for r in pretrained):.1f} vs "
-                 f"{mean(LOGMEL, t):.1f}" for t in task_names)),
+      (statements[0], bool(claimed) and all(mean("AudioMAE++", t) > mean("MAE", t)
+                                            for t in claimed),
+       "; ".join(f"{t}: {mean('AudioMAE++', t):.1f} vs {mean('MAE', t):.1f}" for t in claimed)
+       or "no such task evaluated"),
+      (statements[1], s["AudioMAE++"] >= s["MAE"],
+       f"{s['AudioMAE++']:.1f} vs {s['MAE']:.1f}"),
+      (statements[2], all(mean(r, t) > mean(RANDOM_INIT, t) for r in PRIMARY for t in not_pitch),
+       "; ".join(f"{t}: " + ", ".join(f"{r} {mean(r, t):.1f}" for r in (*PRIMARY, RANDOM_INIT))
+                 for t in not_pitch)),
   ]
 
 
-def score_table(results: dict, task_names: list, normalized: bool = True) -> list[str]:
-  """Markdown rows: mean ± 95% CI per task and (optionally) the normalised score over the rows
-  evaluated on every task; cells not evaluated yet read 'pending'."""
-  complete = {row: {t: by_task[t]["mean"] for t in task_names}
-              for row, by_task in results.items() if all(by_task[t] for t in task_names)}
-  s = scores.normalized_scores(complete, task_names) if normalized else None
-  lines = ["| model | " + " | ".join(task_names) + (" | s(m) |" if normalized else " |"),
-           "|---|" + "---|" * (len(task_names) + normalized)]
+def score_table(results: dict, task_names: list) -> list[str]:
+  """Markdown rows: mean ± 95% CI per task and the normalised score s(m) over the rows evaluated
+  on every task; cells not evaluated yet read 'pending'."""
+  complete = _complete(results, task_names)
+  s = scores.normalized_scores(complete, task_names) if complete else {}
+  lines = ["| model | " + " | ".join(task_names) + " | s(m) |",
+           "|---|" + "---|" * (len(task_names) + 1)]
   for row, by_task in results.items():
     cells = [f"{by_task[t]['mean']:.1f} ± {by_task[t]['ci'] or 0:.1f}" if by_task[t] else "pending"
              for t in task_names]
-    score = f" | {s[row]:.1f} |" if row in (s or {}) else (" | pending |" if normalized else " |")
-    lines.append(f"| {row} | " + " | ".join(cells) + score)
+    lines.append(f"| {row} | " + " | ".join(cells) +
+                 (f" | {s[row]:.1f} |" if row in s else " | pending |"))
   return lines
 
 
-def write_report(output: pathlib.Path, results: dict, trend: dict, checks: dict,
-                 task_names: list, curves: dict, setup: dict, times: dict, env: dict) -> None:
-  """OUTPUT: command, setup, table, goals, curves and plots; keeps the notes below the marker."""
+def paper_table(results: dict, task_names: list) -> list[str]:
+  """Markdown rows: per family, AudioMAE++ - MAE here and in the paper's Tiny rows, and whether
+  the signs agree; the last row compares s(m)."""
+  means = _complete(results, task_names)
+  lines = ["| family | task here | AudioMAE++ - MAE here | paper's task | AudioMAE++ - MAE, "
+           "paper Tiny | same sign |", "|---|---|---|---|---|---|"]
+  sign = lambda x: "+" if x > 0 else "-" if x < 0 else "0"
+  for t in task_names:
+    if t not in FAMILIES:
+      continue
+    family, paper_task, ours_paper, mae_paper = FAMILIES[t]
+    paper_gap = ours_paper - mae_paper
+    if all(row in means for row in PRIMARY):
+      gap = means["AudioMAE++"][t] - means["MAE"][t]
+      here, same = f"{gap:+.1f} ({sign(gap)})", "yes" if sign(gap) == sign(paper_gap) else "no"
+    else:
+      here, same = "pending", "pending"
+    lines.append(f"| {family} | {t} | {here} | {paper_task} | {paper_gap:+.1f} "
+                 f"({ours_paper} vs {mae_paper}) | {same} |")
+  paper_gap = PAPER_SM[0] - PAPER_SM[1]
+  if means and all(row in means for row in PRIMARY):
+    s = scores.normalized_scores(means, task_names)
+    gap = s["AudioMAE++"] - s["MAE"]
+    here, same = f"{gap:+.1f} ({sign(gap)})", "yes" if sign(gap) == sign(paper_gap) else "no"
+  else:
+    here, same = "pending", "pending"
+  lines.append(f"| **s(m)** | all rows here | {here} | all the paper's rows | {paper_gap:+.1f} "
+               f"({PAPER_SM[0]} vs {PAPER_SM[1]}) | {same} |")
+  return lines
+
+
+def trend_table(points: list, task_names: list) -> list[str]:
+  """Markdown rows: the probes' AudioMAE++ - MAE per task and in s(m) at each probed budget."""
+  lines = ["| step | clips seen | " + " | ".join(task_names) + " | s(m) |",
+           "|---|---|" + "---|" * (len(task_names) + 1)]
+  for p in points:
+    lines.append(f"| {p['step']} | {p['clips']:,} | " +
+                 " | ".join(f"{p['gaps'][t]:+.1f}" for t in task_names) + f" | {p['sm_gap']:+.1f} |")
+  return lines
+
+
+def ranking_table(results: dict, checks: dict, records: dict, task_names: list) -> list[str]:
+  """Markdown rows: per task, Kendall's tau between the HEAR protocol's ranking of the rows and
+  the linear probe's (every clip), and of the pretrained rows and their last in-training probe."""
+  means = _complete(results, task_names)
+  last = {row: max(c.items())[1] for row, c in probe_curves(records, task_names).items() if c}
+  lines = ["| task | linear probe vs protocol, all rows | in-training probe vs protocol, "
+           "pretrained rows |", "|---|---|---|"]
+  for t in task_names:
+    rows = [r for r in means if r in checks]
+    full = kendall_tau([means[r][t] for r in rows], [checks[r][t]["linear"] for r in rows]) \
+        if len(rows) > 1 else float("nan")
+    probed = [r for r in PRETRAINED if r in means and r in last]
+    partial = kendall_tau([means[r][t] for r in probed], [last[r][t] for r in probed]) \
+        if len(probed) > 1 else float("nan")
+    lines.append(f"| {t} | {full:.2f} ({len(rows)} rows) | {partial:.2f} ({len(probed)} rows) |")
+  return lines
+
+
+def write_report(output: pathlib.Path, results: dict, records: dict, checks: dict,
+                 task_names: list, setup: dict, times: dict, env: dict) -> None:
+  """OUTPUT: command, setup, tables, goals, trend, curves and plots; keeps the notes below the
+  marker."""
   config, params = setup["config"], setup["params"]
   final = {row: {s: next((r["loss"] for r in reversed(recs) if r.get("split") == s), None)
-                 for s in ("train", "eval")} for row, recs in curves.items()}
-  m = config.model
+                 for s in ("train", "eval")} for row, recs in records.items()}
+  m, p = config.model, config.probe
+  points = trend(records, task_names, config.batch_size)
+  overheads = {row: probe_overhead(recs, times.get(f"pretrain {row}"))
+               for row, recs in records.items()}
   lines = [
-      "# Does pretraining pay? (a miniature of the paper's comparison)", "",
+      "# Does pretraining pay, and where does AudioMAE++ beat MAE? (a miniature of the paper's "
+      "comparison)", "",
       "Made by `benchmarks/study.py`. Command:", "", f"    {setup['command']}", "",
       f"Machine: {common.describe(env)}. Wall time: {sum(times.values()) / 60:.1f} min in all "
       "(stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ").", "",
       "## Setup", "",
       f"- Corpus: {CORPORA[config.data.source]}",
       f"- Models (`configs/study.py`): width {m.width}, depth {m.depth}, {m.num_heads} heads, "
-      f"decoder {m.decoder_width} x {m.decoder_depth}, 2-D rotary positions; AudioMAE++ "
-      f"(transformer++ blocks, {params['AudioMAE++']['encoder'] / 1e6:.2f} M encoder parameters) "
-      f"vs vanilla MAE (ViT blocks, {params['MAE']['encoder'] / 1e6:.2f} M); both "
-      f"{config.num_train_steps} steps of batch {config.batch_size}, peak lr "
+      f"decoder {m.decoder_width} x {m.decoder_depth}; AudioMAE++ (transformer++ blocks, "
+      f"{params['AudioMAE++']['encoder'] / 1e6:.2f} M encoder parameters) vs vanilla MAE (ViT "
+      f"blocks, {params['MAE']['encoder'] / 1e6:.2f} M), with the paper's positions (fixed "
+      "sin-cos tables, no RoPE) and, as an ablation, with rotary 2-D patch positions in encoder "
+      f"and decoder; all {config.num_train_steps} steps of batch {config.batch_size}, peak lr "
       f"{config.base_lr * config.batch_size / 256:g}.",
-      "- Rows: both pretrained encoders; the AudioMAE++ encoder at its random initialisation "
+      "- Rows: the four pretrained encoders; the AudioMAE++ encoder at its random initialisation "
       "(the parameters its pretraining started from); the log-mel baseline (per-clip mean and "
       "standard deviation over time of the 80 log-mel bins, 160 values).",
-      f"- Tasks: {', '.join(task_names)}; kws and pitch from `make_suite.py` (a HEAR-format task generator "
-      f"outside the repository, `../shared/evalsuite/`) `--per_class {setup['per_class']} --seed 0` (voices / instruments disjoint across splits), "
-      "drums from real drum-kit recordings (`audiomaepp/evaluation/drums.py`, kits disjoint "
-      "across splits); HEAR probe "
-      f"protocol of `audiomaepp.tools.evaluate --order={setup['order']}`, {setup['seeds']} "
-      "seeds; test accuracy (%), "
-      "mean ± 95% CI over seeds; s(m): normalised score over these rows.", "",
+      f"- Tasks: {', '.join(task_names)}; kws and pitch from `make_suite.py` (a HEAR-format task "
+      f"generator outside the repository, `../shared/evalsuite/`) `--per_class "
+      f"{setup['per_class']} --seed 0` (voices / instruments disjoint across splits), drums "
+      "and the packaged tasks on real recordings from Debian packages (`audiomaepp/evaluation/"
+      "drums.py`, `packaged_tasks.py`; kits, recordings and prompts disjoint across splits; data "
+      "cards in docs/data.md); HEAR probe protocol of `audiomaepp.tools.evaluate --order="
+      f"{setup['order']}`, {setup['seeds']} seeds; test accuracy (%), mean ± 95% CI over "
+      "seeds; s(m): the paper's normalised score over these rows.",
+      f"- Probes while pretraining (`config.probe`): every task at steps {p.every_steps} x 1, 2, "
+      f"4, ... and the last, {p.max_clips} clips of each (class-balanced), linear probe "
+      "(`audiomaepp.train.probes`).", "",
       "## Results", "", *score_table(results, task_names), "",
       f"![scores]({output.stem}_scores.png)", "",
+      "## Against the paper's Tiny rows", "",
+      "The sign of AudioMAE++ - MAE (primary rows, no RoPE) per task family, next to the "
+      "paper's Table 2 (AudioMAE++-Tiny vs MAE-Tiny):", "",
+      *paper_table(results, task_names), "",
+      "## Goals", "",
+      *[f"- {'pending' if ok is None else 'met' if ok else '**missed**'}: {goal} ({numbers})"
+        for goal, ok, numbers in goals(results, task_names)], "",
+      "## Trend: probes while pretraining", "",
+      "AudioMAE++ - MAE of the in-training linear probes (test score, percentage points) at each "
+      "probed budget; s(m) normalised per task over both models' probes at every step:", "",
+      *(trend_table(points, task_names) if points else ["pending"]), "",
+      f"![probes]({output.stem}_probes.png)", "",
+      "Probe overhead (probe time / the rest of the run): " + "; ".join(
+          f"{row} {v:.1%}" if v is not None else f"{row} pending" for row, v in overheads.items())
+      + ".", "",
+      "## The linear probe ranks as the protocol does", "",
+      "Kendall's tau between the HEAR protocol's ranking of the rows (table above) and the "
+      "linear probe's: on every clip (the representation checks below), and the in-training "
+      "probe of the last step (its subset of clips):", "",
+      *ranking_table(results, checks, records, task_names), "",
+      "## Loss", "",
       "Final masked-patch MSE (train / eval): " + "; ".join(
           f"{row} {v['train']:.3f} / {v['eval']:.3f}" for row, v in final.items()
           if v["train"] is not None and v["eval"] is not None) + ".", "",
       f"![loss curves]({output.stem}_loss.png)", "",
-      "## Goals", "",
-      *[f"- {'pending' if ok is None else 'met' if ok else '**missed**'}: {goal} ({numbers})"
-        for goal, ok, numbers in goals(results, task_names)], ""]
-  if trend:
-    lines += ["## Trend over pretraining steps", "",
-              f"The pretrained models' checkpoints, {setup['trend_seeds']} probe seeds each:", "",
-              *score_table(dict(sorted(trend.items(), key=_model_then_step)), task_names,
-                           normalized=False), ""]
-  lines += ["## Representation checks", "",
-            "Not the protocol: a logistic regression on standardised embeddings (fit on train + "
-            "valid; test accuracy %) and the effective rank of the train embeddings (of dim D).", "",
-            "| model | " + " | ".join(f"{t} linear | {t} rank" for t in task_names) + " |",
-            "|---|" + "---|---|" * len(task_names)]
+      "## Representation checks", "",
+      "Not the protocol: the linear probe on every clip (test %) and the effective rank of the "
+      "train embeddings (of dim D).", "",
+      "| model | " + " | ".join(f"{t} linear | {t} rank" for t in task_names) + " |",
+      "|---|" + "---|---|" * len(task_names)]
   lines += [f"| {row} | " + " | ".join(f"{c[t]['linear']:.1f} | {c[t]['rank']:.1f} / {c[t]['dim']}"
                                        for t in task_names) + " |" for row, c in checks.items()]
   lines += ["", NOTES_MARKER, ""]
