@@ -177,3 +177,15 @@ def test_config_round_trips_through_the_workdir_record(tmp_path):
   restored = checkpointing.load_config(str(tmp_path))
   assert (models.resolve_model_config(restored.model)
           == models.resolve_model_config(config.model))
+
+
+def test_finetune_recipes_take_the_pretraining_configs_models():
+  """Fine-tuning configs name the model of the pretraining config whose checkpoints they load."""
+  configs = REPO / "configs"
+  demo = experiment.load_config(configs / "demo.py")
+  assert experiment.load_config(configs / "finetune_demo.py").model == demo.model
+  for arg, block in (("study", "plusplus"), ("study_vit", "vit")):
+    study = experiment.load_config(configs / "study.py", block)
+    assert experiment.load_config(configs / "finetune_small.py", arg).model == study.model
+  with pytest.raises(ValueError, match="expected one of tiny, base, large, demo, study, study_vit"):
+    experiment.load_config(configs / "finetune_small.py", "huge")
