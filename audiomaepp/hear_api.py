@@ -8,8 +8,8 @@ Each clip's log-mel is standardised over the whole clip, padded with zeros along
 number of 200-frame (2 s) chunks and every chunk is encoded without masking. Frame features
 concatenate the 5 frequency-patch tokens of each 4-frame (40 ms) time step; frames that came only
 from padding are dropped; the scene embedding is their mean. All chunks of all clips go through one
-jitted encoder call, with the chunk count rounded up to a power of two so that new clip lengths
-reuse compiled programs.
+jitted encoder call, with the chunk count rounded up to a power of two (to a multiple of 32 above
+32) so that new clip lengths reuse compiled programs.
 
 `frame_layout="original"` reproduces the original code's frequency-major regrouping (its "frames"
 are not real time steps; needed only to match numbers produced with the original release).
@@ -37,6 +37,8 @@ FRAME_LAYOUTS = model_config_lib.FRAME_LAYOUTS
 # Chunks per encoder call at most; longer inputs (hours of audio) go through in slices of this size
 # so memory stays bounded.
 MAX_CHUNKS_PER_CALL = 256
+# Chunk batches above this size are padded to a multiple of it (`_bucket`).
+_STEP = 32
 # Audio of shape (samples, c) with c at most this many is taken for one multichannel clip.
 _MAX_CHANNELS = 8
 
@@ -148,8 +150,12 @@ def _standardised_log_mel(audio: jnp.ndarray) -> jnp.ndarray:
 
 
 def _bucket(n: int) -> int:
-  """The chunk-batch size compiled for `n` chunks: the next power of two, capped."""
-  return min(MAX_CHUNKS_PER_CALL, 1 << max(0, (n - 1).bit_length()))
+  """The chunk-batch size compiled for `n` chunks: the next power of two up to `_STEP`, then the
+  next multiple of `_STEP` (at most MAX_CHUNKS_PER_CALL / _STEP programs; padding up to the next
+  power of two wasted up to half of the encoder's work on a split's last call)."""
+  if n <= _STEP:
+    return 1 << max(0, (n - 1).bit_length())
+  return min(MAX_CHUNKS_PER_CALL, -(-n // _STEP) * _STEP)
 
 
 def log_mel_chunks(audio: Any, chunk_frames: int) -> Tuple[jnp.ndarray, int, int]:

@@ -165,3 +165,9 @@ def test_load_model_names_a_damaged_config_json(fixtures_dir, tmp_path):
   path.write_text(path.read_text()[:100])
   with pytest.raises(errors.UserError, match=f"^{path}: not valid JSON .*damaged"):
     hear_api.load_model(str(workdir))
+
+
+@pytest.mark.parametrize("chunks, compiled", [(1, 1), (3, 4), (12, 16), (32, 32), (33, 64),
+                                              (65, 96), (199, 224), (256, 256), (300, 256)])
+def test_chunk_batches_pad_to_powers_of_two_then_to_multiples_of_32(chunks, compiled):
+  assert hear_api._bucket(chunks) == compiled  # pylint: disable=protected-access
