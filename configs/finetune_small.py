@@ -7,7 +7,8 @@ Commands subsets, the evaluation suite's tasks): the small-task recipe.
 The argument picks the model, whose fields must equal the pretrained workdir's: a named size
 ('tiny', 'base' (the default), 'large'), 'demo' (configs/demo.py's model) or 'study' /
 'study_vit' (configs/study.py's AudioMAE++ / MAE). Override what the pretraining run changed,
-e.g. `--config.model.encoder_rope=none --config.model.decoder_rope=none`.
+e.g. `--config.model.encoder_rope=patch_2d --config.model.decoder_rope=patch_2d` for the study's
+rotary variant (`configs/study.py:plusplus,patch_2d`).
 
 The recipe is AudioMAE's ESC-50 fine-tuning (`main_finetune_esc.py` defaults in
 facebookresearch/AudioMAE), not its AudioSet-20K one (configs/finetune_base.py), whose mixup,
