@@ -374,6 +374,9 @@ def plot_probes(records: dict, task_names: list, batch_size: int, path: pathlib.
         ax.plot([s * batch_size for s in steps], [points[s][task] for s in steps], style,
                 color=color, label=row, markersize=4)
     ax.set_xscale("log")
+    ax.minorticks_off()
+    clips = sorted({s * batch_size for points in curves.values() for s in points})
+    ax.set_xticks(clips, [f"{c:,}" for c in clips], fontsize="small")
     ax.set_title(task)
     ax.set_xlabel("clips seen")
     ax.set_ylabel("probe score (%)")
