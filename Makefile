@@ -56,7 +56,7 @@ demo: $(STAMP)
 test: $(TORCH_STAMP) deps
 	$(PY) -m pytest -q -rs --durations=20 tests
 
-# The edit-test loop (under 4 minutes on 2 cores): unit and parity tests; subprocess runs of
+# The edit-test loop (about 4.5 minutes on 2 cores): unit and parity tests; subprocess runs of
 # main.py or the CLIs, multi-variant compiles and the original PyTorch code are 'integration'.
 test-fast: $(STAMP) deps
 	$(PY) -m pytest -q -rs -m "not slow and not integration" tests
