@@ -140,24 +140,38 @@ ENV_SOUNDS = Task(
     ),
     duration_s=2.0, per_class=60, stratified=True, min_sound_s=0.2, max_windows=5)
 
+# The speech folders, each as (its language, the source labelled by speaker): speaker ID takes
+# them as they are; language ID gives every file of a folder its language.
+_SPEECH = (
+    # The fish's lines are '<level>-v-<line>' (velká, big) and '<level>-m-<line>' (malá).
+    ("cs", Source("fillets-ng-data-cs", _FILLETS, "**/cs/*.ogg",
+                  (("cs-big-fish", r"/[^/-]+-v-[^/]+$"), ("cs-small-fish", r"/[^/-]+-m-[^/]+$")),
+                  _DIALOG)),
+    ("nl", Source("fillets-ng-data-nl", _FILLETS, "**/nl/*.ogg",
+                  (("nl-big-fish", r"/[^/-]+-v-[^/]+$"), ("nl-small-fish", r"/[^/-]+-m-[^/]+$")),
+                  _DIALOG)),
+    ("es", _speech("tuxpaint-stamps-default", _TUXPAINT, "**/*_desc_es.ogg", "es-tuxpaint",
+                   _TUX_DESC)),
+    ("fr", _speech("tuxpaint-stamps-default", _TUXPAINT, "**/*_desc_fr.ogg", "fr-tuxpaint",
+                   _TUX_DESC)),
+    ("ru", _speech("tuxpaint-stamps-default", _TUXPAINT, "**/*_desc_ru.ogg", "ru-tuxpaint",
+                   _TUX_DESC)),
+    ("es", _speech("asterisk-prompt-es-co", f"{_ASTERISK}/es", "**/*.gsm", "es-asterisk",
+                   skip=_ASTERISK_SKIP)),
+    ("fr", _speech("asterisk-prompt-fr-armelle", f"{_ASTERISK}/fr", "**/*.gsm", "fr-asterisk",
+                   skip=_ASTERISK_SKIP)),
+    ("ru", _speech("asterisk-core-sounds-ru-wav", f"{_ASTERISK}/ru_RU_f_IvrvoiceRU", "**/*.wav",
+                   "ru-asterisk", skip=_ASTERISK_SKIP)),
+)
+
 LANGUAGE_ID = Task(
     name="language_id",
     description="spoken language (cs, es, fr, nl, ru; two or more voices each) of real speech "
                 "from fillets-ng-data-cs/-nl, tuxpaint-stamps-default and Asterisk prompt "
                 "packages, band-limited to 4 kHz, prompts disjoint across splits",
     classes=("cs", "es", "fr", "nl", "ru"),
-    sources=(
-        _speech("fillets-ng-data-cs", _FILLETS, "**/cs/*.ogg", "cs", _DIALOG),
-        _speech("fillets-ng-data-nl", _FILLETS, "**/nl/*.ogg", "nl", _DIALOG),
-        _speech("tuxpaint-stamps-default", _TUXPAINT, "**/*_desc_es.ogg", "es", _TUX_DESC),
-        _speech("tuxpaint-stamps-default", _TUXPAINT, "**/*_desc_fr.ogg", "fr", _TUX_DESC),
-        _speech("tuxpaint-stamps-default", _TUXPAINT, "**/*_desc_ru.ogg", "ru", _TUX_DESC),
-        _speech("asterisk-prompt-es-co", f"{_ASTERISK}/es", "**/*.gsm", "es", skip=_ASTERISK_SKIP),
-        _speech("asterisk-prompt-fr-armelle", f"{_ASTERISK}/fr", "**/*.gsm", "fr",
-                skip=_ASTERISK_SKIP),
-        _speech("asterisk-core-sounds-ru-wav", f"{_ASTERISK}/ru_RU_f_IvrvoiceRU", "**/*.wav", "ru",
-                skip=_ASTERISK_SKIP),
-    ),
+    sources=tuple(dataclasses.replace(source, labels=((language, ""),))
+                  for language, source in _SPEECH),
     duration_s=3.0, per_class=200, stratified=False, min_sound_s=0.5, band_limit_hz=4000)
 
 SPEAKER_ID = Task(
@@ -167,27 +181,7 @@ SPEAKER_ID = Task(
                 "band-limited to 4 kHz, prompts disjoint across splits",
     classes=("cs-big-fish", "cs-small-fish", "nl-big-fish", "nl-small-fish", "es-tuxpaint",
              "es-asterisk", "fr-tuxpaint", "fr-asterisk", "ru-tuxpaint", "ru-asterisk"),
-    sources=(
-        # The fish's lines are '<level>-v-<line>' (velká, big) and '<level>-m-<line>' (malá).
-        Source("fillets-ng-data-cs", _FILLETS, "**/cs/*.ogg",
-               (("cs-big-fish", r"/[^/-]+-v-[^/]+$"), ("cs-small-fish", r"/[^/-]+-m-[^/]+$")),
-               _DIALOG),
-        Source("fillets-ng-data-nl", _FILLETS, "**/nl/*.ogg",
-               (("nl-big-fish", r"/[^/-]+-v-[^/]+$"), ("nl-small-fish", r"/[^/-]+-m-[^/]+$")),
-               _DIALOG),
-        _speech("tuxpaint-stamps-default", _TUXPAINT, "**/*_desc_es.ogg", "es-tuxpaint",
-                _TUX_DESC),
-        _speech("tuxpaint-stamps-default", _TUXPAINT, "**/*_desc_fr.ogg", "fr-tuxpaint",
-                _TUX_DESC),
-        _speech("tuxpaint-stamps-default", _TUXPAINT, "**/*_desc_ru.ogg", "ru-tuxpaint",
-                _TUX_DESC),
-        _speech("asterisk-prompt-es-co", f"{_ASTERISK}/es", "**/*.gsm", "es-asterisk",
-                skip=_ASTERISK_SKIP),
-        _speech("asterisk-prompt-fr-armelle", f"{_ASTERISK}/fr", "**/*.gsm", "fr-asterisk",
-                skip=_ASTERISK_SKIP),
-        _speech("asterisk-core-sounds-ru-wav", f"{_ASTERISK}/ru_RU_f_IvrvoiceRU", "**/*.wav",
-                "ru-asterisk", skip=_ASTERISK_SKIP),
-    ),
+    sources=tuple(source for _, source in _SPEECH),
     duration_s=3.0, per_class=80, stratified=False, min_sound_s=0.5, band_limit_hz=4000)
 
 TASKS = {task.name: task for task in (ENV_SOUNDS, LANGUAGE_ID, SPEAKER_ID)}
