@@ -43,7 +43,7 @@ def baseline_embedder(name: str) -> Embedder:
   return Embedder(*baselines.BASELINES[name])
 
 
-def _fit_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
+def fit_length(waveform: np.ndarray, num_samples: int) -> np.ndarray:
   """Zero-pads or trims to the task's clip length, as HEAR's evaluation kit does."""
   if waveform.shape[0] >= num_samples:
     return waveform[:num_samples]
@@ -58,7 +58,7 @@ def embed_files(paths: Sequence[str], embedder: Embedder, num_samples: int | Non
   for index, path in enumerate(paths):
     waveform = audio_lib.load_audio(path)
     if num_samples:
-      waveform = _fit_length(waveform, num_samples)
+      waveform = fit_length(waveform, num_samples)
     waveforms[index] = waveform
     by_length[waveform.shape[0]].append(index)
   embeddings = np.zeros((len(paths), embedder.size), np.float32)

@@ -75,16 +75,20 @@ class TaskEmbeddings:
 
   def targets(self, split_names: Sequence[str]) -> np.ndarray:
     """Multi-hot targets (n, classes) float32 of the concatenated splits."""
-    index = {label: i for i, label in enumerate(self.vocabulary)}
-    labels = [row for s in split_names for row in self.splits[s].labels]
-    targets = np.zeros((len(labels), len(self.vocabulary)), np.float32)
-    for i, row in enumerate(labels):
-      targets[i, [index[label] for label in row]] = 1.0
-    return targets
+    return multi_hot([row for s in split_names for row in self.splits[s].labels], self.vocabulary)
 
   def embeddings(self, split_names: Sequence[str]) -> np.ndarray:
     """Embeddings (n, D) of the concatenated splits."""
     return np.concatenate([self.splits[s].embeddings for s in split_names])
+
+
+def multi_hot(labels: Sequence[Sequence[str]], vocabulary: Sequence[str]) -> np.ndarray:
+  """Multi-hot targets (n, classes) float32 of label lists, classes in vocabulary order."""
+  index = {label: i for i, label in enumerate(vocabulary)}
+  targets = np.zeros((len(labels), len(vocabulary)), np.float32)
+  for i, row in enumerate(labels):
+    targets[i, [index[label] for label in row]] = 1.0
+  return targets
 
 
 def read_task_metadata(task_dir: str | os.PathLike) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import numpy as np
 from audiomaepp import audio as audio_lib
 from audiomaepp import hear_api
 from audiomaepp.errors import UserError
+from audiomaepp.evaluation import embedding
 from audiomaepp.evaluation import tasks as tasks_lib
 
 # Clips decoded and turned into log-mel chunks per call while a task is read.
@@ -146,17 +147,13 @@ def read_task(task_dir: str, chunk_frames: int, max_clips: int = 0) -> ProbeData
             else max(len(w) for w in waveforms))
   chunks, pad = [], 0
   for start in range(0, len(waveforms), _CLIPS_PER_READ):
-    batch = np.stack([np.pad(w[:length], (0, max(0, length - len(w))))
+    batch = np.stack([embedding.fit_length(w, length)
                       for w in waveforms[start:start + _CLIPS_PER_READ]])
     piece, _, pad = hear_api.log_mel_chunks(batch, chunk_frames)
     chunks.append(np.asarray(piece))
-  index = {label: i for i, label in enumerate(task.vocabulary)}
-  if task.metadata["prediction_type"] == "multilabel":
-    targets = np.zeros((len(labels), len(index)), np.float32)
-    for row, clip_labels in enumerate(labels):
-      targets[row, [index[label] for label in clip_labels]] = 1.0
-  else:
-    targets = np.array([index[row[0]] for row in labels], np.int64)
+  targets = tasks_lib.multi_hot(labels, task.vocabulary)
+  if task.metadata["prediction_type"] != "multilabel":
+    targets = targets.argmax(1)
   return ProbeData(task.name, np.concatenate(chunks), pad, targets, len(keep_fit))
 
 
