@@ -95,12 +95,14 @@ def base_config(size: Optional[str] = "base", block: str = "plusplus"
   # Linear probes of the encoder while it trains (`audiomaepp.train.probes`): HEAR task folders,
   # comma-separated ('': none), scored every `every_steps` steps (`doubling`: at every_steps x
   # 1, 2, 4, ...) and at the last step, on a class-balanced subset of `max_clips` clips of each
-  # task (0: every clip).
+  # task (0: every clip), each cut to its first `chunks_per_clip` encoder inputs (0: the whole
+  # clip, as the HEAR API embeds it).
   c.probe = ml_collections.ConfigDict()
   c.probe.tasks = ""
   c.probe.every_steps = 1000
   c.probe.doubling = False
   c.probe.max_clips = 0
+  c.probe.chunks_per_clip = 1
   # Per-device peak FLOP/s for the MFU estimate on devices not in metrics.PEAK_FLOPS (0: unknown).
   c.peak_flops = 0.0
   # 'a,b': a jax.profiler trace of steps a to b in the workdir for TensorBoard ('': none);

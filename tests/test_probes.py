@@ -13,6 +13,7 @@ from audiomaepp import audio as audio_lib
 from audiomaepp import checkpointing
 from audiomaepp import hear_api
 from audiomaepp import metrics
+from audiomaepp.audio import features
 from audiomaepp.evaluation import scores as scores_lib
 from audiomaepp.train import pretrain
 from audiomaepp.train import probes
@@ -78,6 +79,19 @@ def test_a_task_subset_keeps_the_fit_test_proportion_and_every_class(data):
   np.testing.assert_array_equal(part.chunks[8], full.chunks[24])
 
 
+def test_clips_are_cut_to_the_chunks_per_clip_as_the_hear_api_would_embed_the_cut_audio(data):
+  whole = probes.read_task(str(data / "chords-v1"), 200)
+  assert whole.chunks.shape[0] == 2 * len(whole.targets)  # 2.5 s: 251 log-mel frames
+  cut = probes.read_task(str(data / "chords-v1"), 200, chunks_per_clip=1)
+  assert cut.chunks.shape[0] == len(cut.targets)
+  first = audio_lib.load_audio(str(sorted((data / "chords-v1" / "16000" / "train").iterdir())[0]))
+  samples = 200 * features.HOP_LENGTH - 1  # the longest audio of 200 frames or fewer
+  assert features.num_frames(samples) == 200 < features.num_frames(samples + 1)
+  expected, _, pad = hear_api.log_mel_chunks(first[None, :samples], 200)
+  np.testing.assert_allclose(cut.chunks[0], np.asarray(expected)[0], atol=1e-6)
+  assert (cut.pad, pad) == (0, 0)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("probes")
@@ -122,6 +136,8 @@ def test_probe_scores_are_logged_recorded_and_equal_the_hear_api_path(data, tmp_
      "config.probe.tasks: {d}/missing-v1: "),
     (lambda c, d: setattr(c.probe, "max_clips", -1),
      "config.probe.max_clips=-1: expected 0 (every clip) or a positive number"),
+    (lambda c, d: setattr(c.probe, "chunks_per_clip", -1),
+     "config.probe.chunks_per_clip=-1: expected 0 (the whole clip) or a positive number"),
     (lambda c, d: setattr(c.probe, "every_steps", 0),
      "config.probe.every_steps=0: expected a positive integer"),
     (lambda c, d: setattr(c.probe, "tasks", f"{d}/tones-v1,{d}/tones-v1"),
@@ -161,12 +177,14 @@ def test_a_task_deleted_under_the_run_warns_once_and_training_goes_on(data, tmp_
 
 
 def _hear_api_scores(workdir, step, data, names):
-  """The linear probe of each task on the HEAR API's embeddings from the restored checkpoint."""
+  """The linear probe of each task on the HEAR API's embeddings from the restored checkpoint, of
+  clips cut to one chunk (the probes' default)."""
   model = hear_api.load_model(str(workdir), step=step)
+  samples = model.chunk_frames * features.HOP_LENGTH - 1
   scores = {}
   for name in names:
     task = probes.read_task(str(data / name), model.chunk_frames)  # for the targets
-    clips = [audio_lib.load_audio(str(p)) for s in ("train", "valid", "test")
+    clips = [audio_lib.load_audio(str(p))[:samples] for s in ("train", "valid", "test")
              for p in sorted((data / name / "16000" / s).iterdir())]
     embeddings = np.asarray(hear_api.get_scene_embeddings(np.stack(clips), model))
     n = task.num_fit

@@ -4,7 +4,9 @@ Every `config.probe.every_steps` (or, with `probe.doubling`, at every_steps x 1,
 at the last step) the pretraining job embeds the clips of
 each HEAR task folder of `config.probe.tasks` with the current encoder, as the HEAR API does
 (`hear_api.log_mel_chunks`: standardised log-mel chunks; the scene embedding is the mean of the
-real frames), on the training devices: the chunks go through in global batches sharded like
+real frames) but on the first `config.probe.chunks_per_clip` chunks of each clip only (a 2-s clip
+makes 201 log-mel frames, two chunks of 200 for the HEAR API: cut to one, it costs half), on the
+training devices: the chunks go through in global batches sharded like
 training batches, each host feeding its rows. A logistic regression on standardised embeddings,
 fit on the task's train and valid splits, scores its test split (`linear_probe_score`: top-1 % or
 mAP %). A task's clips are decoded once, at its first probe; a task that fails (its folder
@@ -22,6 +24,7 @@ import numpy as np
 
 from audiomaepp import audio as audio_lib
 from audiomaepp import hear_api
+from audiomaepp.audio import features
 from audiomaepp.errors import UserError
 from audiomaepp.evaluation import embedding
 from audiomaepp.evaluation import tasks as tasks_lib
@@ -44,6 +47,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if int(config.probe.max_clips) < 0:
     raise UserError(f"config.probe.max_clips={config.probe.max_clips}: expected 0 (every clip) "
                     "or a positive number of clips per task")
+  if int(config.probe.chunks_per_clip) < 0:
+    raise UserError(f"config.probe.chunks_per_clip={config.probe.chunks_per_clip}: expected 0 "
+                    "(the whole clip) or a positive number of encoder inputs per clip")
   if int(config.probe.every_steps) <= 0:
     raise UserError(f"config.probe.every_steps={config.probe.every_steps}: expected a positive "
                     "integer when config.probe.tasks is set")
@@ -124,10 +130,12 @@ def balanced_subset(labels: list[list[str]], count: int) -> list[int]:
   return sorted(sorted(turn, key=lambda i: (turn[i], i))[:count])
 
 
-def read_task(task_dir: str, chunk_frames: int, max_clips: int = 0) -> ProbeData:
+def read_task(task_dir: str, chunk_frames: int, max_clips: int = 0,
+              chunks_per_clip: int = 0) -> ProbeData:
   """Decodes a task folder's fit and test clips (cut or zero-padded to `sample_duration`, or to
   the longest clip) into encoder inputs; with `max_clips` > 0, a class-balanced subset of that
-  many, fit and test in the task's proportion."""
+  many, fit and test in the task's proportion; with `chunks_per_clip` > 0, each clip cut to the
+  samples that make at most that many chunks."""
   task = tasks_lib.read_hear_task(task_dir)
   fit, test = fit_and_test_splits(task.metadata)
   fit_labels = [row for s in fit for row in task.splits[s].labels]
@@ -145,6 +153,9 @@ def read_task(task_dir: str, chunk_frames: int, max_clips: int = 0) -> ProbeData
   duration = task.metadata.get("sample_duration")
   length = (int(round(duration * hear_api.SAMPLE_RATE)) if duration
             else max(len(w) for w in waveforms))
+  if chunks_per_clip > 0:
+    # The longest clip whose 1 + samples // hop log-mel frames fit the chunks.
+    length = min(length, chunks_per_clip * chunk_frames * features.HOP_LENGTH - 1)
   chunks, pad = [], 0
   for start in range(0, len(waveforms), _CLIPS_PER_READ):
     batch = np.stack([embedding.fit_length(w, length)
@@ -164,6 +175,7 @@ class Probes:
     self._dirs = task_dirs(config)
     self._chunk_frames = int(module.config.input_shape[0])
     self._max_clips = int(config.probe.max_clips)
+    self._chunks_per_clip = int(config.probe.chunks_per_clip)
     self._patch_time = int(module.config.patch_size[0])
     # Global batches of chunks: the training batch, at least 64 rows.
     self._batch = config.batch_size * max(1, -(-64 // config.batch_size))
@@ -223,7 +235,8 @@ class Probes:
     if task_dir not in self._data:
       error = None
       try:
-        self._data[task_dir] = read_task(task_dir, self._chunk_frames, self._max_clips)
+        self._data[task_dir] = read_task(task_dir, self._chunk_frames, self._max_clips,
+                                            self._chunks_per_clip)
       except (UserError, OSError, ValueError) as e:
         error = e
       failed = np.int32(error is not None)
