@@ -1,5 +1,6 @@
 """Fine-tuning: metrics against scikit-learn, the classifier against the pretrained encoder, the
 optimiser's layer decay, augmentation and one-line errors (batches: test_labelled.py)."""
+import functools
 import json
 import pathlib
 
@@ -19,6 +20,7 @@ from audiomaepp.evaluation import tasks as tasks_lib
 from audiomaepp.models import classifier as classifier_lib
 from audiomaepp.train import finetune
 from audiomaepp.train import finetune_step
+from audiomaepp.train import state as state_lib
 
 import finetune_tasks
 
@@ -148,6 +150,36 @@ def test_layer_decay_scales_each_parameters_update():
   np.testing.assert_allclose(ratio["head"]["kernel"], 1.0, rtol=1e-6)
   np.testing.assert_allclose(ratio["encoder"]["blocks"]["attn"]["qkv"]["kernel"][1], 0.5,
                              rtol=1e-6)
+
+
+def test_a_frozen_encoder_step_moves_only_the_head_as_the_full_step_does_at_a_third_less_cost():
+  config, model_config = _model_config(depth=2)
+  config.finetune.drop_path, config.finetune.mixup = 0.0, 0.0
+  model = finetune_step.build_model(config, model_config, 3)
+  params = models.unbox(model.init({"params": jax.random.PRNGKey(0)},
+                                   jnp.zeros((1, *model_config.input_shape))))["params"]
+  batch = {"spectrogram": jax.random.normal(jax.random.PRNGKey(1), (4, *model_config.input_shape)),
+           "targets": jnp.eye(3)[jnp.asarray([0, 1, 2, 0])]}
+  steps, flops = {}, {}
+  for freeze in (False, True):
+    config.finetune.freeze_encoder = freeze
+    tx = finetune_step.create_optimizer(config, optax.constant_schedule(1e-2), params, 2)
+    step = jax.jit(functools.partial(
+        finetune_step.train_step, model=model, tx=tx, schedule=optax.constant_schedule(1e-2),
+        finetune=config.finetune, multilabel=False, ema_decay=0.0))
+    state = state_lib.new_state(params, tx)
+    flops[freeze] = step.lower(state, batch, jax.random.PRNGKey(2)).compile().cost_analysis()[
+        "flops"]
+    steps[freeze] = step(state, batch, jax.random.PRNGKey(2))
+  (full, full_metrics), (frozen, frozen_metrics) = steps[False], steps[True]
+  np.testing.assert_allclose(frozen_metrics["loss"], full_metrics["loss"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               frozen.params["head"], full.params["head"])
+  jax.tree.map(np.testing.assert_array_equal,
+               {k: v for k, v in frozen.params.items() if k != "head"},
+               {k: v for k, v in params.items() if k != "head"})
+  assert not np.allclose(full.params["patch_embed"]["kernel"], params["patch_embed"]["kernel"])
+  assert flops[True] < 0.7 * flops[False]
 
 
 def test_spec_augment_masks_one_band_of_each_axis():
