@@ -498,21 +498,52 @@ def trend_table(points: list, task_names: list) -> list[str]:
   return lines
 
 
+def separated_pairs(results: dict, rows: list, task: str) -> list[tuple[str, str]]:
+  """Pairs of rows the HEAR protocol separates on `task`: their means differ by more than the
+  sum of their 95% CI half-widths."""
+  r = {row: results[row][task] for row in rows}
+  return [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]
+          if abs(r[a]["mean"] - r[b]["mean"]) > r[a]["ci"] + r[b]["ci"]]
+
+
+def concordant(pairs: list, protocol: dict, other: dict) -> int:
+  """How many of `pairs` `other` orders as `protocol` does."""
+  return sum((protocol[a] - protocol[b]) * (other[a] - other[b]) > 0 for a, b in pairs)
+
+
+def self_agreement(results: dict, rows: list, task: str) -> float:
+  """The protocol's agreement with itself: Kendall's tau between one seed's ranking of the rows
+  and the mean of the other seeds', averaged over the seeds."""
+  seeds = np.asarray([results[row][task]["seed_scores"] for row in rows])
+  return float(np.mean([kendall_tau(seeds[:, i], np.delete(seeds, i, 1).mean(1))
+                        for i in range(seeds.shape[1])]))
+
+
 def ranking_table(results: dict, checks: dict, records: dict, task_names: list) -> list[str]:
-  """Markdown rows: per task, Kendall's tau between the HEAR protocol's ranking of the rows and
-  the linear probe's (every clip), and of the pretrained rows and their last in-training probe."""
+  """Markdown rows: per task, the HEAR protocol's agreement with itself, and Kendall's tau and
+  the concordant pairs of those the protocol separates between its ranking and the linear
+  probe's on every clip (all rows), and the last in-training probe's (pretrained rows)."""
   means = _complete(results, task_names)
   last = {row: max(c.items())[1] for row, c in probe_curves(records, task_names).items() if c}
-  lines = ["| task | linear probe vs protocol, all rows | in-training probe vs protocol, "
-           "pretrained rows |", "|---|---|---|"]
+  lines = ["| task | protocol: one seed vs the others | linear probe, every clip, all rows: "
+           "tau; pairs ordered as the protocol | in-training probe, pretrained rows: tau; "
+           "pairs ordered as the protocol |", "|---|---|---|---|"]
   for t in task_names:
+    cells = []
     rows = [r for r in means if r in checks]
-    full = kendall_tau([means[r][t] for r in rows], [checks[r][t]["linear"] for r in rows]) \
-        if len(rows) > 1 else float("nan")
-    probed = [r for r in PRETRAINED if r in means and r in last]
-    partial = kendall_tau([means[r][t] for r in probed], [last[r][t] for r in probed]) \
-        if len(probed) > 1 else float("nan")
-    lines.append(f"| {t} | {full:.2f} ({len(rows)} rows) | {partial:.2f} ({len(probed)} rows) |")
+    cells.append(f"{self_agreement(results, rows, t):.2f}" if len(rows) > 1 else "n/a")
+    for group, score in ((rows, lambda r: checks[r][t]["linear"]),
+                         ([r for r in PRETRAINED if r in means and r in last],
+                          lambda r: last[r][t])):
+      if len(group) < 2:
+        cells.append("n/a")
+        continue
+      protocol = {r: means[r][t] for r in group}
+      other = {r: score(r) for r in group}
+      pairs = separated_pairs(results, group, t)
+      cells.append(f"{kendall_tau(list(protocol.values()), list(other.values())):.2f}; "
+                   f"{concordant(pairs, protocol, other)} of {len(pairs)}")
+    lines.append(f"| {t} | " + " | ".join(cells) + " |")
   return lines
 
 
@@ -554,7 +585,8 @@ def write_report(output: pathlib.Path, results: dict, records: dict, checks: dic
       f"{setup['order']}`, {setup['seeds']} seeds; test accuracy (%), mean ± 95% CI over "
       "seeds; s(m): the paper's normalised score over these rows.",
       f"- Probes while pretraining (`config.probe`): every task at steps {p.every_steps} x 1, 2, "
-      f"4, ... and the last, {p.max_clips} clips of each (class-balanced), linear probe "
+      f"4, ... and the last, {p.max_clips} clips of each (class-balanced; the first "
+      f"{p.chunks_per_clip * config.model.input_shape[0] / 100:g} s of each clip), linear probe "
       "(`audiomaepp.train.probes`).", "",
       "## Results", "", *score_table(results, task_names), "",
       f"![scores]({output.stem}_scores.png)", "",
@@ -573,10 +605,13 @@ def write_report(output: pathlib.Path, results: dict, records: dict, checks: dic
       "Probe overhead (probe time / the rest of the run): " + "; ".join(
           f"{row} {v:.1%}" if v is not None else f"{row} pending" for row, v in overheads.items())
       + ".", "",
-      "## The linear probe ranks as the protocol does", "",
+      "## Does the linear probe rank as the protocol does?", "",
       "Kendall's tau between the HEAR protocol's ranking of the rows (table above) and the "
-      "linear probe's: on every clip (the representation checks below), and the in-training "
-      "probe of the last step (its subset of clips):", "",
+      "linear probe's, on every clip (the representation checks below) and in the in-training "
+      "probe of the last step (its subset of clips); and of the pairs of rows the protocol "
+      "separates (means further apart than the sum of their CI half-widths), how many the probe "
+      "orders the same way. The protocol's own agreement (one seed's ranking against the mean "
+      "of the other seeds') bounds what a second measurement can reach:", "",
       *ranking_table(results, checks, records, task_names), "",
       "## Loss", "",
       "Final masked-patch MSE (train / eval): " + "; ".join(

@@ -18,8 +18,30 @@ def study():
 
 
 def _results(rows, tasks=TASKS):
-  return {row: {t: {"mean": m, "ci": 1.5} for t, m in zip(tasks, means)}
+  return {row: {t: {"mean": m, "ci": 1.5, "seed_scores": [m - 1, m, m + 1]}
+                for t, m in zip(tasks, means)}
           for row, means in rows.items()}
+
+
+def test_probe_agreement_counts_the_pairs_the_protocol_separates(study):
+  results = {"a": {"t": {"mean": 60.0, "ci": 1.0}}, "b": {"t": {"mean": 50.0, "ci": 1.0}},
+             "c": {"t": {"mean": 59.0, "ci": 1.0}}}  # a and c are within their intervals
+  pairs = study.separated_pairs(results, ["a", "b", "c"], "t")
+  assert pairs == [("a", "b"), ("b", "c")]
+  protocol = {"a": 60.0, "b": 50.0, "c": 59.0}
+  assert study.concordant(pairs, protocol, {"a": 70.0, "b": 40.0, "c": 90.0}) == 2
+  assert study.concordant(pairs, protocol, {"a": 70.0, "b": 80.0, "c": 75.0}) == 0
+  assert study.concordant(pairs, protocol, {"a": 30.0, "b": 40.0, "c": 50.0}) == 1
+
+
+def test_the_protocols_agreement_with_itself_is_one_seed_against_the_others(study):
+  same = {r: {"t": {"seed_scores": [m, m + 1, m + 2]}} for r, m in (("a", 1), ("b", 5), ("c", 9))}
+  assert study.self_agreement(same, ["a", "b", "c"], "t") == pytest.approx(1.0)
+  # Seed 0 reverses the order of three rows whose other seeds agree: its tau is -1, and
+  # each other seed's against the mean of the rest (seed 0 included) is 1.
+  mixed = {"a": {"t": {"seed_scores": [9, 1, 1, 1]}}, "b": {"t": {"seed_scores": [5, 5, 5, 5]}},
+           "c": {"t": {"seed_scores": [1, 9, 9, 9]}}}
+  assert study.self_agreement(mixed, ["a", "b", "c"], "t") == pytest.approx((-1 + 3) / 4)
 
 
 def test_logmel_baseline_is_per_bin_mean_and_std():
