@@ -9,7 +9,7 @@ the small-task recipe, each run cut to at most 450 steps (about 15 minutes on a 
 the HEAR probe row from the study's scores:
 
     python benchmarks/finetune.py --workdir=workdirs/finetune_study \
-        --config=configs/finetune_small.py:study --pretrained=STUDY/audiomae \
+        --finetune_config=configs/finetune_small.py:study --pretrained=STUDY/audiomae \
         --tasks_dir=STUDY/tasks --tasks=kws-v1,drums-v1,env_sounds-v1 --max_steps=450 \
         --probe_scores=STUDY/scores/audiomae
 
@@ -52,7 +52,7 @@ _MAKE_SUITE = _REPO.parent / "shared" / "evalsuite" / "make_suite.py"
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the task, the runs and results go.",
                                required=True)
-_CONFIG = flags.DEFINE_string("config", "configs/finetune_demo.py",
+_CONFIG = flags.DEFINE_string("finetune_config", "configs/finetune_demo.py",
                               "The fine-tuning config, PATH or PATH:ARG.")
 _TASK = flags.DEFINE_enum("task", "pitch", ["pitch", "kws"],
                           "Task of make_suite.py, generated when --tasks_dir is not set.")
@@ -218,8 +218,8 @@ def main(argv):
       results[task][PROBE_ROW] = probe_scores(pathlib.Path(_PROBE_SCORES.value), task)
 
   columns = [*ROWS, PROBE_ROW] if _PROBE_SCORES.value else list(ROWS)
-  lines = [f"{common.describe(env)}; config {_CONFIG.value}; test score % of each run's "
-           "best-validation checkpoint (top-1, mAP for multi-label tasks), mean ± 95% CI over "
+  lines = [f"{common.describe(env)}; --finetune_config {_CONFIG.value}; test score % of each "
+           "run's best-validation checkpoint (top-1, mAP for multi-label tasks), mean ± 95% CI over "
            "seeds", "",
            "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
   for task, rows in results.items():
