@@ -42,6 +42,7 @@ import common
 from audiomaepp import experiment
 from audiomaepp import metrics
 from audiomaepp import train
+from audiomaepp.data import labelled
 from audiomaepp.evaluation import scores
 from audiomaepp.evaluation import tasks as tasks_lib
 from audiomaepp.train import finetune
@@ -52,7 +53,7 @@ _MAKE_SUITE = _REPO.parent / "shared" / "evalsuite" / "make_suite.py"
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the task, the runs and results go.",
                                required=True)
-_CONFIG = flags.DEFINE_string("finetune_config", "configs/finetune_demo.py",
+_FINETUNE_CONFIG = flags.DEFINE_string("finetune_config", "configs/finetune_demo.py",
                               "The fine-tuning config, PATH or PATH:ARG.")
 _TASK = flags.DEFINE_enum("task", "pitch", ["pitch", "kws"],
                           "Task of make_suite.py, generated when --tasks_dir is not set.")
@@ -80,8 +81,8 @@ PROBE_ROW = "frozen encoder + HEAR probe"
 
 
 def load_config() -> ml_collections.ConfigDict:
-  """--config, loaded."""
-  path, _, arg = _CONFIG.value.partition(":")
+  """--finetune_config, loaded."""
+  path, _, arg = _FINETUNE_CONFIG.value.partition(":")
   return experiment.load_config(_REPO / path if not os.path.isabs(path) else path, arg or None)
 
 
@@ -105,7 +106,8 @@ def finetune_config(task_dir: pathlib.Path, pretrained: pathlib.Path, row: dict,
     config.eval_every_steps = config.checkpoint_every_steps = max(1, _STEPS.value // 5)
   elif _MAX_STEPS.value:
     task = tasks_lib.read_hear_task(task_dir)
-    num_train = sum(len(task.splits[s].files) for s in config.data.train_split.split(","))
+    num_train = sum(len(task.splits[s].files)
+                    for s in labelled.split_names(config.data.train_split))
     cut_to(config, num_train, _MAX_STEPS.value)
   config.init_from = str(pretrained) if row["pretrained"] else None
   if row["freeze_encoder"]:
@@ -129,9 +131,8 @@ def validation_curve(workdir: pathlib.Path) -> list[tuple[int, float]]:
 
 def probe_scores(folder: pathlib.Path, task: str) -> list[float]:
   """The HEAR protocol's per-seed test scores of `task` cached in `folder` (most seeds)."""
-  found = sorted(folder.glob(f"{task}-*seeds-*.json"),
-                 key=lambda p: -len(json.loads(p.read_text())["seed_scores"]))
-  return json.loads(found[0].read_text())["seed_scores"] if found else []
+  cached = [json.loads(p.read_text())["seed_scores"] for p in folder.glob(f"{task}-*seeds-*.json")]
+  return max(cached, key=len, default=[])
 
 
 def cell(values: list) -> str:
@@ -218,9 +219,9 @@ def main(argv):
       results[task][PROBE_ROW] = probe_scores(pathlib.Path(_PROBE_SCORES.value), task)
 
   columns = [*ROWS, PROBE_ROW] if _PROBE_SCORES.value else list(ROWS)
-  lines = [f"{common.describe(env)}; --finetune_config {_CONFIG.value}; test score % of each "
-           "run's best-validation checkpoint (top-1, mAP for multi-label tasks), mean ± 95% CI over "
-           "seeds", "",
+  lines = [f"{common.describe(env)}; --finetune_config {_FINETUNE_CONFIG.value}; test score % "
+           "of each run's best-validation checkpoint (top-1, mAP for multi-label tasks), mean ± "
+           "95% CI over seeds", "",
            "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
   for task, rows in results.items():
     lines.append(f"| {task} | " + " | ".join(cell(rows.get(c, [])) for c in columns) + " |")
@@ -231,8 +232,9 @@ def main(argv):
   (workdir / "results.md").write_text("\n".join(lines) + "\n")
   plot_validation(curves, workdir / "validation.png")
   common.write_json(str(workdir / "results.json"),
-                    {"env": env, "config": _CONFIG.value, "tasks": names, "seeds": _SEEDS.value,
-                     "results": results, "curves": curves, "runs": runs, "seconds": times,
+                    {"env": env, "config": _FINETUNE_CONFIG.value, "tasks": names,
+                     "seeds": _SEEDS.value, "results": results, "curves": curves, "runs": runs,
+                     "seconds": times,
                      "command": " ".join(["python", "benchmarks/finetune.py", *sys.argv[1:]])})
 
 

@@ -49,6 +49,7 @@ from audiomaepp import hear_api
 from audiomaepp import metrics
 from audiomaepp import models
 from audiomaepp import train
+from audiomaepp.audio import features
 from audiomaepp.data import pipeline
 from audiomaepp.evaluation import drums
 from audiomaepp.evaluation import embedding
@@ -556,6 +557,8 @@ def write_report(output: pathlib.Path, results: dict, records: dict, checks: dic
                  for s in ("train", "eval")} for row, recs in records.items()}
   m, p = config.model, config.probe
   points = trend(records, task_names, config.batch_size)
+  probed_seconds = (p.chunks_per_clip * m.input_shape[0] * features.HOP_LENGTH
+                    / features.SAMPLE_RATE)
   overheads = {row: probe_overhead(recs, times.get(f"pretrain {row}"))
                for row, recs in records.items()}
   lines = [
@@ -586,7 +589,7 @@ def write_report(output: pathlib.Path, results: dict, records: dict, checks: dic
       "seeds; s(m): the paper's normalised score over these rows.",
       f"- Probes while pretraining (`config.probe`): every task at steps {p.every_steps} x 1, 2, "
       f"4, ... and the last, {p.max_clips} clips of each (class-balanced; the first "
-      f"{p.chunks_per_clip * config.model.input_shape[0] / 100:g} s of each clip), linear probe "
+      f"{probed_seconds:g} s of each clip), linear probe "
       "(`audiomaepp.train.probes`).", "",
       "## Results", "", *score_table(results, task_names), "",
       f"![scores]({output.stem}_scores.png)", "",
