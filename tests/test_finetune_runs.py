@@ -2,7 +2,6 @@
 uninterrupted run bit for bit; the best checkpoint is kept beside the latest."""
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -133,14 +132,18 @@ def test_evaluate_finetuned_scores_the_best_checkpoint_as_the_run_did(setup, tmp
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_two_hosts_with_sharded_parameters_match_one_host(setup, tmp_path):
+@pytest.mark.parametrize("frozen", [False, True])
+def test_two_hosts_with_sharded_parameters_match_one_host(setup, tmp_path, frozen):
   """The same fine-tuning on one process with two devices (data parallel) and on two processes
   of one device each with the parameters sharded over both (FSDP): the same batches, so the
-  same losses and validation scores within float32 rounding."""
+  same losses and validation scores within float32 rounding; also with the encoder frozen
+  (the head's gradient only)."""
   root, task_dir = setup
+  freeze = ["--config.finetune.freeze_encoder=True", "--config.finetune.drop_path=0"] if frozen \
+      else []
   command = lambda workdir: [
       c.replace(f"num_train_steps={STEPS}", f"num_train_steps={EVERY}")
-      for c in _command(workdir, task_dir, root / "pre")]
+      for c in _command(workdir, task_dir, root / "pre")] + freeze
   one = tmp_path / "one"
   done = _run(command(one), main_runs.fast_env(tmp_path / "cache1", devices=2), timeout=400)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -158,6 +161,9 @@ def test_two_hosts_with_sharded_parameters_match_one_host(setup, tmp_path):
       if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)
   assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+  for workdir in (one, two):
+    record = json.loads((workdir / checkpointing.CONFIG_FILE).read_text())
+    assert record["finetune"]["freeze_encoder"] is frozen
   expected, got = _losses(one), _losses(two)
   assert sorted(got) == sorted(expected) == list(range(1, EVERY + 1))
   assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in sorted(got)],
