@@ -190,15 +190,21 @@ def real_frames(frames: Any, n_sounds: int, pad: int, patch_time: int) -> Any:
 def _frame_embeddings(audio: Any, model: Model) -> Tuple[jnp.ndarray, int]:
   """(n_sounds, n_frames, features) for real (unpadded) frames and the number of frames."""
   chunks, _, pad = log_mel_chunks(audio, model.chunk_frames)
+  frames = encode_chunks(chunks, np.shape(audio)[0], pad, model)
+  return frames, frames.shape[1]
+
+
+def encode_chunks(chunks: Any, n_sounds: int, pad: int, model: Model) -> jnp.ndarray:
+  """Encoder frames per clip (n_sounds, n_frames, features) of the log-mel chunks of
+  `log_mel_chunks` (clip by clip, `pad` padding frames per clip), without the padding's frames."""
   outputs = []
   for start in range(0, chunks.shape[0], MAX_CHUNKS_PER_CALL):
     piece = chunks[start:start + MAX_CHUNKS_PER_CALL]
     size = _bucket(piece.shape[0])
     padded = jnp.pad(piece, ((0, size - piece.shape[0]), (0, 0), (0, 0)))
     outputs.append(model._encode_chunks(model.params, padded)[:piece.shape[0]])
-  frames = real_frames(jnp.concatenate(outputs), np.shape(audio)[0], pad,
-                       model.chunk_frames // model.frames_per_chunk)
-  return frames, frames.shape[1]
+  return real_frames(jnp.concatenate(outputs), n_sounds, pad,
+                     model.chunk_frames // model.frames_per_chunk)
 
 
 def get_timestamp_embeddings(audio: Any, model: Model) -> Tuple[jnp.ndarray, jnp.ndarray]:

@@ -150,6 +150,20 @@ def random_init_model(config: ml_collections.ConfigDict) -> hear_api.Model:
   return hear_api.from_variables(config.model, {"params": state.params})
 
 
+def initial_probe(config: ml_collections.ConfigDict, tasks_dir: pathlib.Path,
+                  task_names: list) -> dict:
+  """Task -> the in-training probe's score of the encoder `train.run` starts from, on the clips
+  the probes of `config.probe` read (the reference the probe curves rise from)."""
+  model = random_init_model(config)
+  out = {}
+  for t in task_names:
+    data = probes.read_task(str(tasks_dir / t), model.chunk_frames, config.probe.max_clips,
+                            config.probe.chunks_per_clip)
+    frames = hear_api.encode_chunks(data.chunks, len(data.targets), data.pad, model)
+    out[t] = probes.probe_score(np.asarray(frames.mean(1)), data.targets, data.folds)
+  return out
+
+
 class Stages:
   """Wall time of each stage, kept in WORKDIR/stages.json across resumed runs."""
 
@@ -185,7 +199,7 @@ def main(argv):
   data = configs["AudioMAE++"].data
   stages.run("corpus", lambda: pipeline.ensure_dataset(data), done=os.path.isdir(
       pipeline.BUILT_IN[data.source].dataset_dir(data.data_dir, data.synthetic_num_clips)))
-  run_dirs = {row: workdir / _slug(row) for row in PRETRAINED}
+  run_dirs = {row: workdir / slug(row) for row in PRETRAINED}
   for row, run_dir in run_dirs.items():
     stages.run(f"pretrain {row}", lambda c=configs[row], d=run_dir: train.run(c, str(d)),
                done=_finished(run_dir, configs[row].num_train_steps))
@@ -194,11 +208,11 @@ def main(argv):
              else (lambda r=row: random_init_model(configs[r]))
              for row, (_, pretrained) in MODELS.items()}
   for row, load in loaders.items():
-    out = workdir / "embeddings" / _slug(row)
+    out = workdir / "embeddings" / slug(row)
     stages.run(f"embed {row}", lambda l=load, o=out: [
         embedding.embed_task(str(tasks_dir / t), embedding.model_embedder(l()), str(o))
         for t in names], done=all(tasks_lib.has_task_embeddings(out, t) for t in names))
-  out = workdir / "embeddings" / _slug(LOGMEL)
+  out = workdir / "embeddings" / slug(LOGMEL)
   baseline = embedding.baseline_embedder("logmel_stats")
   stages.run(f"embed {LOGMEL}",
              lambda: [embedding.embed_task(str(tasks_dir / t), baseline, str(out)) for t in names],
@@ -207,26 +221,31 @@ def main(argv):
   config = probe.ProbeConfig(max_epochs=_MAX_EPOCHS.value, shuffle=_ORDER.value == "shuffle")
   results = {row: {t: _evaluate(workdir, row, t, list(range(_SEEDS.value)), config, stages)
                    for t in names} for row in ROWS}
-  checks = {row: {t: _cached(workdir / "checks" / _slug(row) / f"{t}.json",
+  checks = {row: {t: _cached(workdir / "checks" / slug(row) / f"{t}.json",
                              lambda r=row, t=t: representation_checks(
-                                 workdir / "embeddings" / _slug(r) / t))
+                                 workdir / "embeddings" / slug(r) / t))
                   for t in names}
             for row in ROWS
-            if all(tasks_lib.has_task_embeddings(workdir / "embeddings" / _slug(row), t)
+            if all(tasks_lib.has_task_embeddings(workdir / "embeddings" / slug(row), t)
                    for t in names)}
+  initial_path = workdir / "checks" / f"{slug(RANDOM_INIT)}-probe.json"
+  stages.run(f"probe {RANDOM_INIT}", lambda: common.write_json(
+      str(initial_path), initial_probe(configs[RANDOM_INIT], tasks_dir, names)),
+             done=initial_path.exists())
+  initial = json.loads(initial_path.read_text()) if initial_path.exists() else None
   output = pathlib.Path(_OUTPUT.value or workdir / "results.md")
   records = {row: metrics.read_jsonl(str(d / metrics.METRICS_FILE)) for row, d in run_dirs.items()}
   plot_loss_curves(records, output.with_name(output.stem + "_loss.png"))
   plot_scores(results, names, output.with_name(output.stem + "_scores.png"))
   plot_probes(records, names, configs["AudioMAE++"].batch_size,
-              output.with_name(output.stem + "_probes.png"))
+              output.with_name(output.stem + "_probes.png"), initial)
   setup = {"config": configs["AudioMAE++"], "per_class": _PER_CLASS.value, "seeds": _SEEDS.value,
            "order": _ORDER.value,
            "params": {row: models.parameter_counts(configs[row].model) for row in PRIMARY},
            # The command that makes this report (--report_only only changes what is run).
            "command": " ".join(["python", "benchmarks/study.py",
                                 *(a for a in sys.argv[1:] if a != "--report_only")])}
-  write_report(output, results, records, checks, names, setup, stages.times, env)
+  write_report(output, results, records, checks, initial, names, setup, stages.times, env)
   print(f"[study] wrote {output}")
 
 
@@ -247,15 +266,17 @@ def make_tasks(tasks_dir: pathlib.Path) -> None:
 def representation_checks(task_dir: pathlib.Path) -> dict:
   """Cheap second opinions on one row's embeddings of one task (seconds, not the protocol).
 
-  `linear`: the probes' linear probe (`probes.linear_probe_score`: a logistic regression on
-  train-standardised embeddings, fit on train + valid) on every clip; `rank`: the effective rank
+  `linear`: the in-training probe (`probes.probe_score`: ridge classifiers on standardised
+  embeddings, each split scored by a fit on the others) on every clip; `rank`: the effective rank
   (exp of the entropy of the normalised singular values) of the centred train embeddings, low
   when the features collapse onto a few directions.
   """
   task = tasks_lib.read_task_embeddings(task_dir)
-  fit = ["train", "valid"]
-  linear = probes.linear_probe_score(task.embeddings(fit), task.targets(fit).argmax(1),
-                                     task.embeddings(["test"]), task.targets(["test"]).argmax(1))
+  splits = probes.probe_splits(task.metadata)
+  targets = task.targets(splits)
+  folds = np.repeat(np.arange(len(splits)), [len(task.splits[s].labels) for s in splits])
+  linear = probes.probe_score(task.embeddings(splits),
+                              targets if task.multilabel else targets.argmax(1), folds)
   train = task.embeddings(["train"])
   singular = np.linalg.svd(train - train.mean(0), compute_uv=False)
   p = singular / singular.sum()
@@ -275,12 +296,12 @@ def _evaluate(workdir: pathlib.Path, row: str, task: str, seeds: list, config: p
               stages: Stages) -> dict:
   """One row's result on one task (TaskResult.to_json()), cached per row, task and seeds; None
   when it is not cached and `stages` runs nothing."""
-  cache = workdir / "scores" / _slug(row) / f"{task}-{len(seeds)}seeds-{_ORDER.value}.json"
+  cache = workdir / "scores" / slug(row) / f"{task}-{len(seeds)}seeds-{_ORDER.value}.json"
   if cache.exists():
     return json.loads(cache.read_text())
   if stages.dry:
     return None
-  task_dir = workdir / "embeddings" / _slug(row) / task
+  task_dir = workdir / "embeddings" / slug(row) / task
   embeddings = heareval.arrange(tasks_lib.read_task_embeddings(task_dir), task_dir, _ORDER.value)
   result = stages.run(f"evaluate {row} {task} ({len(seeds)} seeds)",
                       lambda: probe.evaluate_task(embeddings, seeds, config))
@@ -289,7 +310,8 @@ def _evaluate(workdir: pathlib.Path, row: str, task: str, seeds: list, config: p
   return result.to_json()
 
 
-def _slug(row: str) -> str:
+def slug(row: str) -> str:
+  """A row's folder name: lower case, runs of other characters as one underscore."""
   return "_".join("".join(c if c.isalnum() else " " for c in row.lower()).split())
 
 
@@ -356,8 +378,10 @@ def plot_loss_curves(records: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def plot_probes(records: dict, task_names: list, batch_size: int, path: pathlib.Path) -> None:
-  """One panel per task: each pretrained model's probe score against clips seen (log scale)."""
+def plot_probes(records: dict, task_names: list, batch_size: int, path: pathlib.Path,
+                initial: dict | None = None) -> None:
+  """One panel per task: each pretrained model's probe score against clips seen (log scale),
+  and the AudioMAE++ encoder's at its initialisation (`initial`, a dashed line)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -374,6 +398,8 @@ def plot_probes(records: dict, task_names: list, batch_size: int, path: pathlib.
         color, style = styles.get(row, ("gray", "o-"))
         ax.plot([s * batch_size for s in steps], [points[s][task] for s in steps], style,
                 color=color, label=row, markersize=4)
+    if initial:
+      ax.axhline(initial[task], color="gray", linestyle="--", label=f"{PRIMARY[0]} at init")
     ax.set_xscale("log")
     ax.minorticks_off()
     clips = sorted({s * batch_size for points in curves.values() for s in points})
@@ -489,6 +515,25 @@ def paper_table(results: dict, task_names: list) -> list[str]:
   return lines
 
 
+def init_gaps(records: dict, initial: dict, task_names: list, batch_size: int) -> list[dict]:
+  """Per probed step of AudioMAE++: clips seen and its probe minus its initial encoder's, per
+  task."""
+  curve = probe_curves({PRIMARY[0]: records.get(PRIMARY[0], [])}, task_names)[PRIMARY[0]]
+  return [{"step": s, "clips": s * batch_size,
+           "gaps": {t: curve[s][t] - initial[t] for t in task_names}} for s in sorted(curve)]
+
+
+def init_table(points: list, initial: dict, task_names: list) -> list[str]:
+  """Markdown rows: the initial encoder's probe scores, then AudioMAE++'s gap to them at each
+  probed budget."""
+  lines = ["| step | clips seen | " + " | ".join(task_names) + " |",
+           "|---|---|" + "---|" * len(task_names),
+           "| 0 (its score) | 0 | " + " | ".join(f"{initial[t]:.1f}" for t in task_names) + " |"]
+  lines += [f"| {p['step']} | {p['clips']:,} | " +
+            " | ".join(f"{p['gaps'][t]:+.1f}" for t in task_names) + " |" for p in points]
+  return lines
+
+
 def trend_table(points: list, task_names: list) -> list[str]:
   """Markdown rows: the probes' AudioMAE++ - MAE per task and in s(m) at each probed budget."""
   lines = ["| step | clips seen | " + " | ".join(task_names) + " | s(m) |",
@@ -522,11 +567,11 @@ def self_agreement(results: dict, rows: list, task: str) -> float:
 
 def ranking_table(results: dict, checks: dict, records: dict, task_names: list) -> list[str]:
   """Markdown rows: per task, the HEAR protocol's agreement with itself, and Kendall's tau and
-  the concordant pairs of those the protocol separates between its ranking and the linear
+  the concordant pairs of those the protocol separates between its ranking and the in-training
   probe's on every clip (all rows), and the last in-training probe's (pretrained rows)."""
   means = _complete(results, task_names)
   last = {row: max(c.items())[1] for row, c in probe_curves(records, task_names).items() if c}
-  lines = ["| task | protocol: one seed vs the others | linear probe, every clip, all rows: "
+  lines = ["| task | protocol: one seed vs the others | probe, every clip, all rows: "
            "tau; pairs ordered as the protocol | in-training probe, pretrained rows: tau; "
            "pairs ordered as the protocol |", "|---|---|---|---|"]
   for t in task_names:
@@ -549,7 +594,8 @@ def ranking_table(results: dict, checks: dict, records: dict, task_names: list) 
 
 
 def write_report(output: pathlib.Path, results: dict, records: dict, checks: dict,
-                 task_names: list, setup: dict, times: dict, env: dict) -> None:
+                 initial: dict | None, task_names: list, setup: dict, times: dict,
+                 env: dict) -> None:
   """OUTPUT: command, setup, tables, goals, trend, curves and plots; keeps the notes below the
   marker."""
   config, params = setup["config"], setup["params"]
@@ -589,8 +635,8 @@ def write_report(output: pathlib.Path, results: dict, records: dict, checks: dic
       "seeds; s(m): the paper's normalised score over these rows.",
       f"- Probes while pretraining (`config.probe`): every task at steps {p.every_steps} x 1, 2, "
       f"4, ... and the last, {p.max_clips} clips of each (class-balanced; the first "
-      f"{probed_seconds:g} s of each clip), linear probe "
-      "(`audiomaepp.train.probes`).", "",
+      f"{probed_seconds:g} s of each clip), scored on every one of them by ridge classifiers "
+      "fit on the task's other splits (`audiomaepp.train.probes`).", "",
       "## Results", "", *score_table(results, task_names), "",
       f"![scores]({output.stem}_scores.png)", "",
       "## Against the paper's Tiny rows", "",
@@ -601,17 +647,21 @@ def write_report(output: pathlib.Path, results: dict, records: dict, checks: dic
       *[f"- {'pending' if ok is None else 'met' if ok else '**missed**'}: {goal} ({numbers})"
         for goal, ok, numbers in goals(results, task_names)], "",
       "## Trend: probes while pretraining", "",
-      "AudioMAE++ - MAE of the in-training linear probes (test score, percentage points) at each "
-      "probed budget; s(m) normalised per task over both models' probes at every step:", "",
+      "AudioMAE++ - MAE of the in-training probes (score on every probed clip, percentage "
+      "points) at each probed budget; s(m) normalised per task over both models' probes at every step:", "",
       *(trend_table(points, task_names) if points else ["pending"]), "",
+      f"{PRIMARY[0]}'s probes minus the same probe of its encoder at initialisation (the "
+      f"parameters its pretraining started from, the {RANDOM_INIT} row), on the same clips:",
+      "", *(init_table(init_gaps(records, initial, task_names, config.batch_size), initial,
+                       task_names) if initial else ["pending"]), "",
       f"![probes]({output.stem}_probes.png)", "",
       "Probe overhead (probe time / the rest of the run): " + "; ".join(
           f"{row} {v:.1%}" if v is not None else f"{row} pending" for row, v in overheads.items())
       + ".", "",
-      "## Does the linear probe rank as the protocol does?", "",
+      "## Does the probe rank as the protocol does?", "",
       "Kendall's tau between the HEAR protocol's ranking of the rows (table above) and the "
-      "linear probe's, on every clip (the representation checks below) and in the in-training "
-      "probe of the last step (its subset of clips); and of the pairs of rows the protocol "
+      "in-training probe's, on every clip of the task (the representation checks below) and in "
+      "the probe of the last step (its subset of clips); and of the pairs of rows the protocol "
       "separates (means further apart than the sum of their CI half-widths), how many the probe "
       "orders the same way. The protocol's own agreement (one seed's ranking against the mean "
       "of the other seeds') bounds what a second measurement can reach:", "",
@@ -622,8 +672,8 @@ def write_report(output: pathlib.Path, results: dict, records: dict, checks: dic
           if v["train"] is not None and v["eval"] is not None) + ".", "",
       f"![loss curves]({output.stem}_loss.png)", "",
       "## Representation checks", "",
-      "Not the protocol: the linear probe on every clip (test %) and the effective rank of the "
-      "train embeddings (of dim D).", "",
+      "Not the protocol: the in-training probe on every clip of the task (%) and the effective "
+      "rank of the train embeddings (of dim D).", "",
       "| model | " + " | ".join(f"{t} linear | {t} rank" for t in task_names) + " |",
       "|---|" + "---|---|" * len(task_names)]
   lines += [f"| {row} | " + " | ".join(f"{c[t]['linear']:.1f} | {c[t]['rank']:.1f} / {c[t]['dim']}"

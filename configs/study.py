@@ -35,7 +35,7 @@ def get_config(arg: str = "plusplus"):
   config.checkpoint_every_steps = 250
   config.keep_checkpoints = 1
   # The study's trend: linear probes of its tasks (set by benchmarks/study.py) at 125, 250, 500
-  # and 1000 steps, on the first 2 s of 48 clips of each task (8 to 10 % of the training time on
+  # and 1000 steps, on the first 2 s of 48 clips of each task (7 to 8.5 % of the training time on
   # a 2-core CPU, docs/results.md).
   config.probe.every_steps = 125
   config.probe.doubling = True

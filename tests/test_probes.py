@@ -24,30 +24,67 @@ import finetune_tasks
 import main_runs
 
 
-def test_linear_probe_separates_what_is_separable_and_not_noise():
+def test_the_probe_separates_what_is_separable_and_not_noise():
   rng = np.random.default_rng(0)
   y = np.repeat(np.arange(4), 30)
+  folds = np.arange(120) % 3
   x = rng.normal(size=(120, 16)) + 6.0 * np.eye(16)[y]
-  fit, test = np.arange(120) % 3 != 0, np.arange(120) % 3 == 0
-  assert probes.linear_probe_score(x[fit], y[fit], x[test], y[test]) == 100.0
+  assert probes.probe_score(x, y, folds) == 100.0
   noise = rng.normal(size=(120, 16))
-  assert probes.linear_probe_score(noise[fit], y[fit], noise[test], y[test]) < 60.0
+  assert probes.probe_score(noise, y, folds) < 45.0
 
 
-def test_linear_probe_map_equals_the_mean_of_per_class_average_precisions():
+def test_every_clip_is_scored_by_a_ridge_fit_on_the_other_folds():
+  """An independent computation: per fold, standardise with the other folds' statistics, solve
+  the ridge normal equations for +-1 one-hot targets at each penalty, keep the penalty of least
+  leave-one-out error (closed form), predict the fold's clips; pool the hits."""
+  rng = np.random.default_rng(2)
+  y = np.repeat(np.arange(3), 12)
+  folds = np.tile(np.arange(3), 12)
+  x = rng.normal(size=(36, 5)) + 1.2 * np.eye(5)[y]
+  hits = 0
+  for f in range(3):
+    fit, test = folds != f, folds == f
+    mean, std = x[fit].mean(0), x[fit].std(0)
+    a, b = (x[fit] - mean) / std, (x[test] - mean) / std
+    t = 2.0 * np.eye(3)[y[fit]] - 1.0
+    design = np.c_[a, np.ones(len(a))]
+    best = None
+    for alpha in probes.RIDGE_ALPHAS:
+      penalty = alpha * np.diag([1.0] * 5 + [0.0])  # the intercept is not penalised
+      hat = design @ np.linalg.solve(design.T @ design + penalty, design.T)
+      loo = ((t - hat @ t) / (1.0 - np.diag(hat))[:, None]) ** 2
+      if best is None or loo.mean() < best[0] - 1e-12:
+        best = (loo.mean(), np.linalg.solve(design.T @ design + penalty, design.T @ t))
+    hits += int(((np.c_[b, np.ones(len(b))] @ best[1]).argmax(1) == y[test]).sum())
+  assert probes.probe_score(x, y, folds) == pytest.approx(100 * hits / 36)
+  assert 40.0 < 100 * hits / 36 < 100.0  # neither chance nor trivially separable
+
+
+def test_the_probe_handles_a_class_missing_from_a_fit_and_two_classes():
+  y = np.array([0, 0, 1, 1, 0, 1, 2, 0, 1])
+  folds = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2])  # class 2 only in fold 1: never predicted there
+  x = 5.0 * np.eye(3)[y] + np.random.default_rng(3).normal(size=(9, 3)) * 0.1
+  assert probes.probe_score(x, y, folds) == pytest.approx(100 * 8 / 9)
+  assert probes.probe_score(x[y < 2], y[y < 2], folds[y < 2]) == 100.0
+
+
+def test_the_probe_map_pools_every_folds_scores_per_class():
   rng = np.random.default_rng(1)
   y = (rng.random((90, 3)) < 0.4).astype(np.float32)
   x = rng.normal(size=(90, 8)) + 1.5 * np.pad(y, ((0, 0), (0, 5)))
-  y[60:, 2] = 0.0  # a class absent from the test rows is left out, as the kit does
-  score = probes.linear_probe_score(x[:60], y[:60], x[60:], y[60:])
-  from sklearn import linear_model, multiclass, preprocessing  # pylint: disable=import-outside-toplevel
-  scaler = preprocessing.StandardScaler().fit(x[:60])
-  model = multiclass.OneVsRestClassifier(linear_model.LogisticRegression(max_iter=3000)).fit(
-      scaler.transform(x[:60]), y[:60])
-  predicted = model.predict_proba(scaler.transform(x[60:]))
-  expected = np.mean([float(scores_lib.average_precision(predicted[:, c], y[60:, c]))
-                      for c in (0, 1)])
+  folds = np.arange(90) % 3
+  y[:, 2] = 0.0  # a class absent everywhere is left out, as the kit does
+  score = probes.probe_score(x, y, folds)
+  from sklearn import linear_model, pipeline, preprocessing  # pylint: disable=import-outside-toplevel
+  pooled = np.zeros_like(y)
+  for f in range(3):
+    model = pipeline.make_pipeline(preprocessing.StandardScaler(),
+                                   linear_model.RidgeClassifierCV(alphas=probes.RIDGE_ALPHAS))
+    pooled[folds == f] = model.fit(x[folds != f], y[folds != f]).decision_function(x[folds == f])
+  expected = np.mean([float(scores_lib.average_precision(pooled[:, c], y[:, c])) for c in (0, 1)])
   assert score == pytest.approx(100 * expected, abs=1e-4)
+  assert score > 60.0
 
 
 @pytest.mark.parametrize("doubling, expected", [
@@ -68,13 +105,13 @@ def test_a_balanced_subset_takes_each_class_in_turn_in_file_order():
   assert probes.balanced_subset(labels, 99) == list(range(8))
 
 
-def test_a_task_subset_keeps_the_fit_test_proportion_and_every_class(data):
+def test_a_task_subset_keeps_the_split_proportions_and_every_class(data):
   full = probes.read_task(str(data / "tones-v1"), 200)
-  assert (full.num_fit, len(full.targets)) == (24, 36)
+  assert np.bincount(full.folds).tolist() == [12, 12, 12]  # train, valid, test
   part = probes.read_task(str(data / "tones-v1"), 200, max_clips=12)
-  assert (part.num_fit, len(part.targets)) == (8, 12)
-  assert sorted(part.targets[:8].tolist()) == [0, 0, 0, 1, 1, 1, 2, 2]
-  assert sorted(part.targets[8:].tolist()) == [0, 0, 1, 2]  # test files 0-3: classes 0 1 2 0
+  assert np.bincount(part.folds).tolist() == [4, 4, 4]
+  for fold in range(3):  # files 0-3 of each split: classes 0 1 2 0
+    assert sorted(part.targets[part.folds == fold].tolist()) == [0, 0, 1, 2]
   assert part.chunks.shape == (12, 200, 80)
   np.testing.assert_array_equal(part.chunks[8], full.chunks[24])
 
@@ -187,9 +224,7 @@ def _hear_api_scores(workdir, step, data, names):
     clips = [audio_lib.load_audio(str(p))[:samples] for s in ("train", "valid", "test")
              for p in sorted((data / name / "16000" / s).iterdir())]
     embeddings = np.asarray(hear_api.get_scene_embeddings(np.stack(clips), model))
-    n = task.num_fit
-    scores[name] = probes.linear_probe_score(embeddings[:n], task.targets[:n], embeddings[n:],
-                                             task.targets[n:])
+    scores[name] = probes.probe_score(embeddings, task.targets, task.folds)
   return scores
 
 

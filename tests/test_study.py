@@ -1,4 +1,5 @@
 """benchmarks/study.py: the log-mel baseline, the goals and the report (no training here)."""
+import json
 
 import numpy as np
 import pytest
@@ -134,7 +135,8 @@ def test_report_has_every_row_and_keeps_the_notes(study, tmp_path):
              "MAE": [{"step": 10, "split": "probe", "kws-v1": 65.0, "pitch-v1": 35.0,
                       "seconds": 9.0}]}
   checks = {row: {t: {"linear": 70.0, "rank": 12.34, "dim": 480} for t in TASKS} for row in results}
-  study.write_report(output, results, records, checks, TASKS, setup,
+  initial = {"kws-v1": 62.5, "pitch-v1": 40.0}
+  study.write_report(output, results, records, checks, initial, TASKS, setup,
                      {"tasks": 30.0, "pretrain AudioMAE++": 90.0}, env)
   text = output.read_text()
   assert "old table" not in text and text.endswith("hand-written reading\n")
@@ -144,6 +146,8 @@ def test_report_has_every_row_and_keeps_the_notes(study, tmp_path):
   assert "| AudioMAE++ | 60.0 ± 1.5 | 40.0 ± 1.5 | 75.0 |" in text
   assert "| log-mel mean+std | 55.0 ± 1.5 | 50.0 ± 1.5 | 87.5 |" in text
   assert "| 10 | 160 | +5.0 | -5.0 | +0.0 |" in text  # the trend row
+  assert "| 0 (its score) | 0 | 62.5 | 40.0 |" in text  # the initial encoder's probe
+  assert "| 10 | 160 | +7.5 | -10.0 |" in text  # AudioMAE++'s gap to it
   assert "AudioMAE++ 11.1%; MAE pending" in text  # 9 s of probes in a 90 s run
   assert "AudioMAE++ 0.900 / 0.800" in text
   assert "| MAE | 70.0 | 12.3 / 480 | 70.0 | 12.3 / 480 |" in text
@@ -178,3 +182,35 @@ def test_rows_not_evaluated_yet_are_pending(study):
   assert "| MAE | 50.0 ± 1.5 | pending | pending |" in table
   # s(m) over the three complete rows: AudioMAE++ best on kws, (40 - 30) / 20 on pitch.
   assert "| AudioMAE++ | 60.0 ± 1.5 | 40.0 ± 1.5 | 75.0 |" in table
+
+
+def test_the_initial_encoders_probe_is_the_probe_of_its_hear_api_embeddings(study, tmp_path):
+  """initial_probe (the probes' clips through the HEAR API's chunk encoder) against the HEAR
+  API's scene embeddings of the same clips cut to one chunk, scored by the same probe."""
+  import finetune_tasks  # pylint: disable=import-outside-toplevel
+  from audiomaepp import hear_api  # pylint: disable=import-outside-toplevel
+  from audiomaepp.audio import features  # pylint: disable=import-outside-toplevel
+  from audiomaepp.train import probes  # pylint: disable=import-outside-toplevel
+  finetune_tasks.write_tone_task(tmp_path, classes=3, per_class=4, seconds=2.5, multilabel=True)
+  rng = np.random.default_rng(0)
+  for split in ("train", "valid", "test"):  # labels unrelated to the tones: a score off 100
+    path = tmp_path / "tones-v1" / f"{split}.json"
+    labels = json.loads(path.read_text())
+    rows = list(labels.values())
+    path.write_text(json.dumps({f: rows[i] for f, i in zip(labels, rng.permutation(len(rows)))}))
+  config = experiment_config("demo")
+  config.model.width, config.model.num_heads, config.model.depth = 32, 2, 1
+  config.probe.max_clips, config.probe.chunks_per_clip = 24, 1
+  score = study.initial_probe(config, tmp_path, ["tones-v1"])["tones-v1"]
+  model = study.random_init_model(config)
+  task = probes.read_task(str(tmp_path / "tones-v1"), model.chunk_frames, 24, 1)
+  assert len(task.targets) == 24
+  samples = model.chunk_frames * features.HOP_LENGTH - 1
+  clips = []
+  for split in ("train", "valid", "test"):
+    labels = json.loads((tmp_path / "tones-v1" / f"{split}.json").read_text())
+    for i in probes.balanced_subset(list(labels.values()), 8):
+      wave = audio.load_audio(str(tmp_path / "tones-v1" / "16000" / split / f"{i:03d}.wav"))
+      clips.append(wave[:samples])
+  embeddings = np.asarray(hear_api.get_scene_embeddings(np.stack(clips), model))
+  assert score == pytest.approx(probes.probe_score(embeddings, task.targets, task.folds))
