@@ -66,6 +66,7 @@ _ROWS = flags.DEFINE_list("rows", None, "The rows to run (default: all); finishe
 _STEPS = flags.DEFINE_integer("steps", None, "Fine-tuning steps of every run (default: the "
                               "config's).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Cuts a longer recipe to this many steps.")
+flags.mark_flags_as_mutual_exclusive(["steps", "max_steps"])
 _PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 400, "Steps of configs/demo.py.")
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "An existing pretraining workdir.")
 _PROBE_SCORES = flags.DEFINE_string(

@@ -1,6 +1,9 @@
 """benchmarks/finetune.py: the recipe cut to a step budget and the HEAR probe row it reads (no
 training here; the runs themselves are the fine-tuning tests')."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -34,3 +37,13 @@ def test_the_probe_row_reads_the_cached_scores_with_the_most_seeds(bench, tmp_pa
   (tmp_path / "kws-v2-10seeds-heareval.json").write_text(json.dumps({"seed_scores": [9.0] * 10}))
   assert bench.probe_scores(tmp_path, "kws-v1") == [0.0, 1.0, 2.0, 3.0, 4.0]
   assert bench.probe_scores(tmp_path, "pitch-v1") == []
+
+
+def test_steps_and_max_steps_together_are_refused_before_anything_runs(tmp_path):
+  run = subprocess.run([sys.executable, "benchmarks/finetune.py", f"--workdir={tmp_path}",
+                        "--steps=10", "--max_steps=20"], cwd=conftest.CONFIGS.parent,
+                       env={**os.environ, "PYTHONPATH": str(conftest.CONFIGS.parent)},
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 1
+  assert "steps" in run.stderr and "max_steps" in run.stderr
+  assert list(tmp_path.iterdir()) == []
