@@ -58,9 +58,9 @@ def scores(task: tasks_lib.TaskEmbeddings, keep: dict) -> list[float]:
   folds = np.repeat(np.arange(len(splits)), [len(keep[s]) for s in splits])
   test = folds == splits.index("test")
   out = [probes.probe_score(x, y, folds)]
-  for classifier in (linear_model.RidgeClassifierCV(alphas=probes.RIDGE_ALPHAS),
-                     linear_model.LogisticRegression(max_iter=3000)):
-    model = pipeline.make_pipeline(preprocessing.StandardScaler(), classifier)
+  logistic = pipeline.make_pipeline(preprocessing.StandardScaler(),
+                                    linear_model.LogisticRegression(max_iter=3000))
+  for model in (probes.ridge_classifier(), logistic):
     out.append(100 * float((model.fit(x[~test], y[~test]).predict(x[test]) == y[test]).mean()))
   return out
 

@@ -648,7 +648,8 @@ def write_report(output: pathlib.Path, results: dict, records: dict, checks: dic
         for goal, ok, numbers in goals(results, task_names)], "",
       "## Trend: probes while pretraining", "",
       "AudioMAE++ - MAE of the in-training probes (score on every probed clip, percentage "
-      "points) at each probed budget; s(m) normalised per task over both models' probes at every step:", "",
+      "points) at each probed budget; s(m) normalised per task over both models' probes at "
+      "every step:", "",
       *(trend_table(points, task_names) if points else ["pending"]), "",
       f"{PRIMARY[0]}'s probes minus the same probe of its encoder at initialisation (the "
       f"parameters its pretraining started from, the {RANDOM_INIT} row), on the same clips:",

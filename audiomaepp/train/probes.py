@@ -94,23 +94,28 @@ def probe_splits(metadata: dict[str, Any]) -> list[str]:
   return [*run["train"], *run["valid"], *run["test"]]
 
 
+def ridge_classifier() -> Any:
+  """The probe's classifier: standardisation, then ridge classifiers with the penalty of
+  RIDGE_ALPHAS of least leave-one-out error on the fit clips (an unfitted sklearn pipeline)."""
+  from sklearn import linear_model  # pylint: disable=import-outside-toplevel
+  from sklearn import pipeline  # pylint: disable=import-outside-toplevel
+  from sklearn import preprocessing  # pylint: disable=import-outside-toplevel
+  return pipeline.make_pipeline(preprocessing.StandardScaler(),
+                                linear_model.RidgeClassifierCV(alphas=RIDGE_ALPHAS))
+
+
 def probe_score(x: np.ndarray, targets: np.ndarray, folds: np.ndarray) -> float:
   """Score (%) on every clip of ridge classifiers on standardised embeddings, each fold's clips
   predicted by one fit on the other folds (its penalty of RIDGE_ALPHAS by leave-one-out on the
   fit clips): top-1 accuracy for class indices (n,), mAP over the pooled scores (macro over the
   classes present) for multi-hot targets (n, classes)."""
-  from sklearn import linear_model  # pylint: disable=import-outside-toplevel
   from sklearn import metrics  # pylint: disable=import-outside-toplevel
-  from sklearn import pipeline  # pylint: disable=import-outside-toplevel
-  from sklearn import preprocessing  # pylint: disable=import-outside-toplevel
   multilabel = targets.ndim == 2
   classes = targets.shape[1] if multilabel else int(targets.max()) + 1
   scores = np.full((len(x), classes), -np.inf)
   for fold in np.unique(folds):
     test = folds == fold
-    model = pipeline.make_pipeline(preprocessing.StandardScaler(),
-                                   linear_model.RidgeClassifierCV(alphas=RIDGE_ALPHAS))
-    model.fit(x[~test], targets[~test])
+    model = ridge_classifier().fit(x[~test], targets[~test])
     seen = model.classes_ if not multilabel else np.arange(classes)
     decision = model.decision_function(x[test]).reshape(int(test.sum()), -1)
     if len(seen) == 2 and not multilabel:  # one column: the second class's margin
