@@ -164,6 +164,11 @@ def finetune_config(size: Optional[str] = "base", block: str = "plusplus"
   c.data.train_split = "train"
   c.data.eval_split = "valid"  # evaluated every eval_every_steps; picks the best checkpoint
   c.data.test_split = "test"  # evaluated once at the end with the best checkpoint ('' : none)
+  # Crops of crop_frames scored per clip in validation and test, evenly spaced from the clip's
+  # start to its end, their logits averaged (`pipeline.eval_crops`); 1: the centre crop. A clip
+  # of n crop lengths is covered by n crops (10-s AudioSet clips, 2-s crops: 5, which leave
+  # out one of their 1,001 frames).
+  c.data.eval_crops = 1
   # Each split may join several ('fold00,fold01'). A task of folds (ESC-50 style): fold i >= 0
   # replaces the three with hear-eval-kit's run i (test fold i, validate on fold i+1, train on
   # the rest); -1 uses the fields above.

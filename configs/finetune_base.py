@@ -10,4 +10,6 @@ from audiomaepp import experiment
 
 
 def get_config():
-  return experiment.finetune_config(size="base")
+  config = experiment.finetune_config(size="base")
+  config.data.eval_crops = 5  # clips of up to 10 s scored whole (2-s crops), as AudioMAE does
+  return config

@@ -90,6 +90,25 @@ def test_short_clips_repeat_along_time_not_frequency():
   np.testing.assert_array_equal(out, spec[(np.arange(200) + offset) % 51])
 
 
+def test_eval_crops_run_evenly_from_the_clip_start_to_its_end():
+  spec = np.repeat(np.arange(301, dtype=np.float32)[:, None], 80, axis=1)  # frame i holds i
+  one = pipeline.eval_crops(spec, 200, 1)
+  assert one.shape == (1, 200, 80)
+  np.testing.assert_array_equal(one[0], pipeline.crop(spec, 200))  # one: the centre crop
+  assert [int(c[0, 0]) for c in pipeline.eval_crops(spec, 200, 3)] == [0, 50, 101]
+  five_lengths = np.repeat(np.arange(1000, dtype=np.float32)[:, None], 80, axis=1)
+  crops = pipeline.eval_crops(five_lengths, 200, 5)
+  assert [int(c[0, 0]) for c in crops] == [0, 200, 400, 600, 800]  # every frame, once
+  ten_seconds = np.repeat(np.arange(1001, dtype=np.float32)[:, None], 80, axis=1)
+  crops = pipeline.eval_crops(ten_seconds, 200, 5)
+  assert [int(c[0, 0]) for c in crops] == [0, 200, 400, 600, 801]
+  # A 10-s clip has 1,001 frames: five crops of 200 leave out one of them.
+  assert set(range(1001)) - set(crops[:, :, 0].ravel().astype(int)) == {800}
+  short = np.arange(51 * 80, dtype=np.float32).reshape(51, 80)
+  np.testing.assert_array_equal(pipeline.eval_crops(short, 200, 2)[0],
+                                short[np.arange(200) % 51])  # repeated along time, as crop
+
+
 def test_train_crop_offsets_cover_the_original_range():
   spec = np.repeat(np.arange(1001, dtype=np.float32)[:, None], 80, axis=1)
   rng = np.random.default_rng(0)

@@ -110,6 +110,27 @@ def test_drop_path_only_in_training():
   np.testing.assert_allclose(classifier_lib.drop_path_rates(0.1, 3), [0.0, 0.05, 0.1])
 
 
+@pytest.mark.integration
+def test_several_crops_of_a_clip_are_scored_by_the_mean_of_their_logits():
+  config, model_config = _model_config()
+  model = finetune_step.build_model(config, model_config, 3)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, *model_config.input_shape))
+  params = model.init({"params": jax.random.PRNGKey(0)}, x[:, 0])["params"]
+  predict = functools.partial(finetune_step.predict_step, model=model)
+  per_crop = np.stack([predict(params, {"spectrogram": x[:, k]}) for k in range(3)], axis=1)
+  np.testing.assert_allclose(predict(params, {"spectrogram": x}), per_crop.mean(axis=1),
+                             rtol=1e-5, atol=1e-6)
+  assert not np.allclose(per_crop[:, 0], per_crop[:, 1])  # the crops differ
+
+
+def test_eval_crops_below_one_is_one_line():
+  config, _ = _model_config()
+  config.data.eval_crops = 0
+  with pytest.raises(UserError, match=r"^config.data.eval_crops=0: expected 1 or more crops "
+                     r"per clip$"):
+    finetune.validate_config(config)
+
+
 @pytest.mark.parametrize("scanned", [True, False])
 def test_layer_scales_follow_beit(scanned):
   _, config = _model_config(scanned, depth=2)

@@ -89,7 +89,9 @@ def test_summary_holds_the_best_step_its_validation_and_test_scores(run):
                      "eval_score": pytest.approx(best["top1_acc"]), "test_split": "test",
                      "test_score": pytest.approx(test["top1_acc"])}
   # The test score is the best checkpoint's, scored again from its files.
-  assert finetune.score_workdir(str(workdir))["score"] == pytest.approx(summary["test_score"])
+  rescored = finetune.score_workdir(str(workdir))
+  assert rescored["score"] == pytest.approx(summary["test_score"]) and rescored["eval_crops"] == 1
+  assert finetune.score_workdir(str(workdir), eval_crops=3)["eval_crops"] == 3
   last = lines[-2:]
   assert last[0] == (f"best checkpoint: step {best['step']} of {STEPS}, valid top1_acc "
                      f"{best['top1_acc']:.4f}, test top1_acc {test['top1_acc']:.4f} "

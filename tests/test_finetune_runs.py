@@ -30,7 +30,9 @@ def setup(tmp_path_factory):
 
 
 def _command(workdir, task_dir, pretrained):
-  return finetune_tasks.finetune_command(workdir, task_dir, pretrained, STEPS, EVERY)
+  """Scored with two crops per clip, so that resuming, rescoring and two hosts cover them."""
+  return [*finetune_tasks.finetune_command(workdir, task_dir, pretrained, STEPS, EVERY),
+          "--config.data.eval_crops=2"]
 
 
 def _losses(workdir):
@@ -118,6 +120,7 @@ def test_evaluate_finetuned_scores_the_best_checkpoint_as_the_run_did(setup, tmp
   assert done.returncode == 0, done.stderr[-3000:]
   logged = _records(workdir, "test")[0]
   result = finetune.score_workdir(str(workdir))
+  assert result["eval_crops"] == 2
   assert result["mAP"] == pytest.approx(logged["mAP"], abs=1e-6)
   assert result["per_class_ap"] == pytest.approx([logged[f"ap/{i}"] for i in range(3)], abs=1e-6)
   command = [sys.executable, "-m", "audiomaepp.tools.evaluate_finetuned", f"--workdir={workdir}"]

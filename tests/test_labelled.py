@@ -287,13 +287,28 @@ def test_eval_batches_hold_every_clip_once_with_centre_crops(shards):
   targets = np.concatenate([b["targets"] for b in batches])[:12]
   np.testing.assert_array_equal(targets, _multi_hot([expected[f] for f in split.files], 3))
   spectrograms = np.concatenate([b["spectrogram"] for b in batches])
+  assert spectrograms.shape[1:3] == (1, 100)
   for i in range(12):
-    np.testing.assert_allclose(spectrograms[i], split.spectrograms[i][50:150], atol=1e-6)
+    np.testing.assert_allclose(spectrograms[i, 0], split.spectrograms[i][50:150], atol=1e-6)
   halves = [list(labelled.eval_batches(split, 100, 6, (i, 2))) for i in range(2)]
   whole = list(labelled.eval_batches(split, 100, 6, (0, 1)))
   for b, batch in enumerate(whole):
     for key in batch:
       np.testing.assert_array_equal(batch[key], np.concatenate([h[b][key] for h in halves]))
+
+
+def test_eval_batches_with_several_crops_hold_them_from_the_start_to_the_end(shards):
+  _, data_dir = shards
+  split = labelled.open_labelled(_data_config(data_dir)).load("eval")
+  spectrograms = np.concatenate([b["spectrogram"]
+                                 for b in labelled.eval_batches(split, 100, 5, (0, 1), 3)])
+  assert spectrograms.shape[1:3] == (3, 100) and spectrograms.dtype == np.float32
+  for i in range(12):
+    clip = split.spectrograms[i]
+    free = clip.shape[0] - 100
+    assert free > 0
+    for k, offset in enumerate((0, free // 2, free)):
+      np.testing.assert_allclose(spectrograms[i, k], clip[offset:offset + 100], atol=1e-6)
 
 
 @pytest.mark.integration  # runs the benchmark command

@@ -447,16 +447,18 @@ def train_iterator(split: LabelledSplit, data_config: ml_collections.ConfigDict,
 
 
 def eval_batches(split: LabelledSplit, crop_frames: int, batch_size: int,
-                 block: tuple[int, int]) -> Iterator[dict]:
-  """Every clip once, in file order, as global batches of `batch_size` (centre crops; short
-  clips repeated along time); the last batch is padded with copies of clip 0 and 'valid'
-  (rows,) float32 marks the real rows. Yields this host's rows of each batch."""
+                 block: tuple[int, int], crops: int = 1) -> Iterator[dict]:
+  """Every clip once, in file order, as global batches of `batch_size` clips: 'spectrogram'
+  (rows, crops, crop_frames, mel) float32, the clip's `pipeline.eval_crops` (one: the centre
+  crop; short clips repeated along time); the last batch is padded with copies of clip 0 and
+  'valid' (rows,) float32 marks the real rows. Yields this host's rows of each batch."""
   start, count = host_rows(block, batch_size)
   for first in range(0, len(split), batch_size):
     ids = np.arange(first, first + batch_size)
     valid = ids < len(split)
     ids = np.where(valid, ids, 0)[start:start + count]
-    yield {"spectrogram": np.stack([split.spectrograms.example(i, crop_frames)[0]
-                                    for i in ids]),
+    yield {"spectrogram": np.stack([pipeline.eval_crops(split.spectrograms[i], crop_frames,
+                                                        crops) for i in ids]
+                            ).astype(np.float32, copy=False),
            "targets": split.labels.dense(ids),
            "valid": valid[start:start + count].astype(np.float32)}

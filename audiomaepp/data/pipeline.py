@@ -187,6 +187,20 @@ def crop(spectrogram: np.ndarray, crop_frames: int,
   return spectrogram[offset:offset + crop_frames]
 
 
+def eval_crops(spectrogram: np.ndarray, crop_frames: int, count: int) -> np.ndarray:
+  """`(time, mel)` -> `(count, crop_frames, mel)`: `count` crops evenly spaced from the start of
+  the clip to its end (one: the centre crop of `crop`), so that together they cover a clip of up
+  to `count` crops. Short clips are repeated along time first, as in `crop`."""
+  if count == 1:
+    return crop(spectrogram, crop_frames)[None]
+  frames = spectrogram.shape[0]
+  if frames < crop_frames:
+    spectrogram = np.tile(spectrogram, (math.ceil(crop_frames / frames), 1))
+    frames = spectrogram.shape[0]
+  free = frames - crop_frames
+  return np.stack([spectrogram[i * free // (count - 1):][:crop_frames] for i in range(count)])
+
+
 def decode_record(serialized: bytes) -> dict:
   """A serialized `audio_logmel` record -> `spectrogram` (a float16 view of the stored bytes),
   `mean`, `std` (float32; None in version 1.0.0 shards, which lack them), `id`, `labels`.

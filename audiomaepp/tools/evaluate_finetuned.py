@@ -2,7 +2,7 @@ r"""Scores a fine-tuned checkpoint on its data or a HEAR task folder, next to th
 encoder's probe.
 
     python -m audiomaepp.tools.evaluate_finetuned --workdir=runs/ft [--task_dir=DIR] \
-        [--split=SPLIT] [--probe_seeds=0] [--max_epochs=500]
+        [--split=SPLIT] [--eval_crops=N] [--probe_seeds=0] [--max_epochs=500]
 
 Prints a Markdown table: the fine-tuned classifier's score (top-1 % or mAP %) on the split, with
 its best-validation checkpoint (`WORKDIR/best/`); with --probe_seeds=N also the HEAR probe
@@ -27,6 +27,9 @@ _TASK_DIR = flags.DEFINE_string("task_dir", None, "HEAR task folder (default: th
                                 "trained on).")
 _SPLIT = flags.DEFINE_string("split", None, "Split(s) to score (default: the run's test split or "
                              "fold).")
+_EVAL_CROPS = flags.DEFINE_integer(
+    "eval_crops", None, "Crops per clip, evenly spaced from its start to its end, their logits "
+    "averaged (default: the run's config.data.eval_crops; 1: the centre crop).")
 _PROBE_SEEDS = flags.DEFINE_integer(
     "probe_seeds", 0, "> 0: also run the HEAR probe on the frozen init_from encoder.")
 _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 500, "Epoch limit of each probe.")
@@ -34,9 +37,11 @@ _MAX_EPOCHS = flags.DEFINE_integer("max_epochs", 500, "Epoch limit of each probe
 
 def main(argv):
   del argv
-  result = finetune.score_workdir(_WORKDIR.value, _TASK_DIR.value, _SPLIT.value)
+  result = finetune.score_workdir(_WORKDIR.value, _TASK_DIR.value, _SPLIT.value,
+                                  _EVAL_CROPS.value)
   metric = "mAP" if "mAP" in result else "top1_acc"
-  rows = [(f"fine-tuned (step {result['step']})", f"{100 * result['score']:.1f}")]
+  crops = "centre crop" if result["eval_crops"] == 1 else f"{result['eval_crops']} crops a clip"
+  rows = [(f"fine-tuned (step {result['step']}, {crops})", f"{100 * result['score']:.1f}")]
   if _PROBE_SEEDS.value > 0:
     config = checkpointing.load_config(_WORKDIR.value)
     if not config.get("init_from"):

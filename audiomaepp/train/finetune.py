@@ -52,6 +52,9 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
   for name, ok in checks.items():
     if not ok:
       raise ConfigError(f"config.finetune.{name}={ft[name]} is out of range")
+  if config.data.eval_crops < 1:
+    raise ConfigError(f"config.data.eval_crops={config.data.eval_crops}: expected 1 or more "
+                      "crops per clip")
   try:
     step_lib.build_model(config, model_config, 1)
   except UserError as e:
@@ -143,10 +146,12 @@ def score_predictions(logits: np.ndarray, targets: np.ndarray, multilabel: bool
 
 
 def predict(predict_fn: Any, params: Any, split: labelled.LabelledSplit, batch_size: int,
-            crop_frames: int, sharding: Any, block: tuple[int, int]) -> np.ndarray:
-  """Logits (n, classes) of every clip of `split` (centre crops), gathered on every host."""
+            crop_frames: int, sharding: Any, block: tuple[int, int], crops: int = 1
+            ) -> np.ndarray:
+  """Logits (n, classes) of every clip of `split`, gathered on every host: of the centre crop,
+  or the mean over `crops` crops spread over the clip (`labelled.eval_batches`)."""
   outputs = []
-  for batch in labelled.eval_batches(split, crop_frames, batch_size, block):
+  for batch in labelled.eval_batches(split, crop_frames, batch_size, block, crops):
     global_batch = pipeline.make_global_batch({"spectrogram": batch["spectrogram"]}, sharding)
     outputs.append(np.asarray(jax.device_get(predict_fn(params, global_batch))))
   return np.concatenate(outputs)[:len(split)]
@@ -279,7 +284,8 @@ class FinetuneTask(runner.Task):
              ) -> dict[str, Any]:
     """Scores `split` with `params` and writes the scalars (split `name`) at `step`."""
     logits = predict(self._predict_fn, params, split, self.config.batch_size,
-                     self.config.data.crop_frames, self._placement.batch, self._placement.block)
+                     self.config.data.crop_frames, self._placement.batch, self._placement.block,
+                     self.config.data.eval_crops)
     result = score_predictions(logits, split.targets, self.data.multilabel)
     scalars = {k: v for k, v in result.items() if k not in ("per_class_ap", "score")}
     if self.data.multilabel:
@@ -294,11 +300,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   return runner.run(FinetuneTask(config), workdir, on_step)
 
 
-def score_workdir(workdir: str, task_dir: Optional[str] = None, split: Optional[str] = None
-                  ) -> dict[str, Any]:
+def score_workdir(workdir: str, task_dir: Optional[str] = None, split: Optional[str] = None,
+                  eval_crops: Optional[int] = None) -> dict[str, Any]:
   """Scores the best checkpoint of a fine-tuning workdir (the latest when it has no best) on
   `split` (default: the run's test split or fold) of the data it was trained on, or of the HEAR
-  task folder `task_dir`.
+  task folder `task_dir`, with `eval_crops` crops per clip (default: the run's
+  `data.eval_crops`).
 
   Returns the scores (`score_predictions`) plus 'step', 'task' and 'split'.
   """
@@ -318,6 +325,9 @@ def score_workdir(workdir: str, task_dir: Optional[str] = None, split: Optional[
   split = split or run_splits(config, task)["test"]
   if not split:
     raise ConfigError(f"{workdir} was trained without a test split: name the split to score")
+  crops = config.data.get("eval_crops", 1) if eval_crops is None else eval_crops
+  if crops < 1:
+    raise ConfigError(f"eval_crops={crops}: expected 1 or more crops per clip")
   model = step_lib.build_model(config, model_config, len(task.vocabulary))
   abstract = step_lib.abstract_params(model)
   best_dir = checkpointing.workdir_path(workdir) / BEST_DIR
@@ -336,6 +346,6 @@ def score_workdir(workdir: str, task_dir: Optional[str] = None, split: Optional[
   except UserError as e:
     raise ConfigError(str(e)) from None
   logits = predict(predict_fn, params, data, config.batch_size, config.data.crop_frames,
-                   sharding, pipeline.host_block(sharding, config.batch_size))
+                   sharding, pipeline.host_block(sharding, config.batch_size), crops)
   result = score_predictions(logits, data.targets, task.multilabel)
-  return {**result, "step": step, "task": task.name, "split": split}
+  return {**result, "step": step, "task": task.name, "split": split, "eval_crops": crops}

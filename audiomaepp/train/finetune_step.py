@@ -178,8 +178,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 
 
 def predict_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> jax.Array:
-  """Logits (batch, classes) float32 without augmentation or drop-path."""
-  return model.apply({"params": params}, batch["spectrogram"], train=False).astype(jnp.float32)
+  """Logits (batch, classes) float32 without augmentation or drop-path. A 'spectrogram' of
+  several crops per clip (batch, crops, time, mel) gives the mean of each clip's crops' logits:
+  the linear head on the mean of their pooled features, as the HEAR protocol averages a clip's
+  chunk embeddings."""
+  spectrogram = batch["spectrogram"]
+  if spectrogram.ndim == 3:
+    return model.apply({"params": params}, spectrogram, train=False).astype(jnp.float32)
+  logits = model.apply({"params": params}, spectrogram.reshape(-1, *spectrogram.shape[2:]),
+                       train=False).astype(jnp.float32)
+  return logits.reshape(*spectrogram.shape[:2], -1).mean(axis=1)
 
 
 def build_model(config: ml_collections.ConfigDict, model_config: Any,
