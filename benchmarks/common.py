@@ -17,6 +17,11 @@ import numpy as np
 Column = tuple[str, str, Any]
 
 
+def slug(name: str) -> str:
+  """A row's folder name: lower case, runs of other characters as one underscore."""
+  return "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
 def environment() -> dict[str, Any]:
   """Where and when a benchmark ran: date, device, versions, host cores and load average.
 

@@ -146,10 +146,6 @@ def cell(values: list) -> str:
   return f"{mean:.1f} ± {half:.1f} ({len(values)} seeds)"
 
 
-def _slug(name: str) -> str:
-  return "".join(c if c.isalnum() else "_" for c in name)
-
-
 def plot_validation(curves: dict, path: pathlib.Path) -> None:
   """One panel per task: each row's validation curves (one line per seed)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -203,7 +199,7 @@ def main(argv):
     for name, row in ROWS.items():
       results[task][name], curves[task][name] = [], []
       for seed in range(_SEEDS.value):
-        run_dir = workdir / "runs" / task / f"{_slug(name)}-seed{seed}"
+        run_dir = workdir / "runs" / task / f"{common.slug(name)}-seed{seed}"
         if not (run_dir / finetune.SUMMARY_FILE).exists():
           if _ROWS.value and name not in _ROWS.value:
             continue

@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+import common
 import study
 from audiomaepp.evaluation import tasks as tasks_lib
 from audiomaepp.train import probes
@@ -69,7 +70,7 @@ def main(argv):
   del argv
   workdir = pathlib.Path(flags.FLAGS.workdir)  # benchmarks/study.py's flag
   rows = list(study.ROWS)
-  slugs = {row: study.slug(row) for row in rows}
+  slugs = {row: common.slug(row) for row in rows}
   names = sorted(p.name for p in (workdir / "embeddings" / slugs[rows[0]]).iterdir())
   pooled = {(int(c), p): [0.0, 0] for c in _CLIPS.value for p in PROBES}
   print("| task | clips | separated pairs | " + " | ".join(PROBES) + " |")

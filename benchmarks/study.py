@@ -199,7 +199,7 @@ def main(argv):
   data = configs["AudioMAE++"].data
   stages.run("corpus", lambda: pipeline.ensure_dataset(data), done=os.path.isdir(
       pipeline.BUILT_IN[data.source].dataset_dir(data.data_dir, data.synthetic_num_clips)))
-  run_dirs = {row: workdir / slug(row) for row in PRETRAINED}
+  run_dirs = {row: workdir / common.slug(row) for row in PRETRAINED}
   for row, run_dir in run_dirs.items():
     stages.run(f"pretrain {row}", lambda c=configs[row], d=run_dir: train.run(c, str(d)),
                done=_finished(run_dir, configs[row].num_train_steps))
@@ -208,11 +208,11 @@ def main(argv):
              else (lambda r=row: random_init_model(configs[r]))
              for row, (_, pretrained) in MODELS.items()}
   for row, load in loaders.items():
-    out = workdir / "embeddings" / slug(row)
+    out = workdir / "embeddings" / common.slug(row)
     stages.run(f"embed {row}", lambda l=load, o=out: [
         embedding.embed_task(str(tasks_dir / t), embedding.model_embedder(l()), str(o))
         for t in names], done=all(tasks_lib.has_task_embeddings(out, t) for t in names))
-  out = workdir / "embeddings" / slug(LOGMEL)
+  out = workdir / "embeddings" / common.slug(LOGMEL)
   baseline = embedding.baseline_embedder("logmel_stats")
   stages.run(f"embed {LOGMEL}",
              lambda: [embedding.embed_task(str(tasks_dir / t), baseline, str(out)) for t in names],
@@ -221,14 +221,14 @@ def main(argv):
   config = probe.ProbeConfig(max_epochs=_MAX_EPOCHS.value, shuffle=_ORDER.value == "shuffle")
   results = {row: {t: _evaluate(workdir, row, t, list(range(_SEEDS.value)), config, stages)
                    for t in names} for row in ROWS}
-  checks = {row: {t: _cached(workdir / "checks" / slug(row) / f"{t}.json",
+  checks = {row: {t: _cached(workdir / "checks" / common.slug(row) / f"{t}.json",
                              lambda r=row, t=t: representation_checks(
-                                 workdir / "embeddings" / slug(r) / t))
+                                 workdir / "embeddings" / common.slug(r) / t))
                   for t in names}
             for row in ROWS
-            if all(tasks_lib.has_task_embeddings(workdir / "embeddings" / slug(row), t)
+            if all(tasks_lib.has_task_embeddings(workdir / "embeddings" / common.slug(row), t)
                    for t in names)}
-  initial_path = workdir / "checks" / f"{slug(RANDOM_INIT)}-probe.json"
+  initial_path = workdir / "checks" / f"{common.slug(RANDOM_INIT)}-probe.json"
   stages.run(f"probe {RANDOM_INIT}", lambda: common.write_json(
       str(initial_path), initial_probe(configs[RANDOM_INIT], tasks_dir, names)),
              done=initial_path.exists())
@@ -296,23 +296,18 @@ def _evaluate(workdir: pathlib.Path, row: str, task: str, seeds: list, config: p
               stages: Stages) -> dict:
   """One row's result on one task (TaskResult.to_json()), cached per row, task and seeds; None
   when it is not cached and `stages` runs nothing."""
-  cache = workdir / "scores" / slug(row) / f"{task}-{len(seeds)}seeds-{_ORDER.value}.json"
+  cache = workdir / "scores" / common.slug(row) / f"{task}-{len(seeds)}seeds-{_ORDER.value}.json"
   if cache.exists():
     return json.loads(cache.read_text())
   if stages.dry:
     return None
-  task_dir = workdir / "embeddings" / slug(row) / task
+  task_dir = workdir / "embeddings" / common.slug(row) / task
   embeddings = heareval.arrange(tasks_lib.read_task_embeddings(task_dir), task_dir, _ORDER.value)
   result = stages.run(f"evaluate {row} {task} ({len(seeds)} seeds)",
                       lambda: probe.evaluate_task(embeddings, seeds, config))
   cache.parent.mkdir(parents=True, exist_ok=True)
   cache.write_text(json.dumps(result.to_json()))
   return result.to_json()
-
-
-def slug(row: str) -> str:
-  """A row's folder name: lower case, runs of other characters as one underscore."""
-  return "_".join("".join(c if c.isalnum() else " " for c in row.lower()).split())
 
 
 def _finished(run_dir: pathlib.Path, steps: int) -> bool:
