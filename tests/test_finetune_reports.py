@@ -92,6 +92,9 @@ def test_summary_holds_the_best_step_its_validation_and_test_scores(run):
   rescored = finetune.score_workdir(str(workdir))
   assert rescored["score"] == pytest.approx(summary["test_score"]) and rescored["eval_crops"] == 1
   assert finetune.score_workdir(str(workdir), eval_crops=3)["eval_crops"] == 3
+  with pytest.raises(finetune.ConfigError, match=r"^eval_crops=0: expected 1 or more crops per "
+                     r"clip$"):
+    finetune.score_workdir(str(workdir), eval_crops=0)
   last = lines[-2:]
   assert last[0] == (f"best checkpoint: step {best['step']} of {STEPS}, valid top1_acc "
                      f"{best['top1_acc']:.4f}, test top1_acc {test['top1_acc']:.4f} "

@@ -167,6 +167,13 @@ def num_workers(data_config: ml_collections.ConfigDict) -> int:
   return max(0, process_cpu_share() - 2)
 
 
+def _repeated_to(spectrogram: np.ndarray, frames: int) -> np.ndarray:
+  """The clip repeated along time (whole repeats) to at least `frames` frames."""
+  if spectrogram.shape[0] >= frames:
+    return spectrogram
+  return np.tile(spectrogram, (math.ceil(frames / spectrogram.shape[0]), 1))
+
+
 def crop(spectrogram: np.ndarray, crop_frames: int,
          rng: Optional[np.random.Generator] = None) -> np.ndarray:
   """`(time, mel)` -> `(crop_frames, mel)`: random offset with `rng`, else the centre.
@@ -174,10 +181,8 @@ def crop(spectrogram: np.ndarray, crop_frames: int,
   Clips shorter than `crop_frames` are repeated along time first (not along mel, as the
   original's `np.tile(spec, k)` does).
   """
+  spectrogram = _repeated_to(spectrogram, crop_frames)
   frames = spectrogram.shape[0]
-  if frames < crop_frames:
-    spectrogram = np.tile(spectrogram, (math.ceil(crop_frames / frames), 1))
-    frames = spectrogram.shape[0]
   if frames == crop_frames:
     offset = 0
   elif rng is None:
@@ -193,11 +198,8 @@ def eval_crops(spectrogram: np.ndarray, crop_frames: int, count: int) -> np.ndar
   to `count` crops. Short clips are repeated along time first, as in `crop`."""
   if count == 1:
     return crop(spectrogram, crop_frames)[None]
-  frames = spectrogram.shape[0]
-  if frames < crop_frames:
-    spectrogram = np.tile(spectrogram, (math.ceil(crop_frames / frames), 1))
-    frames = spectrogram.shape[0]
-  free = frames - crop_frames
+  spectrogram = _repeated_to(spectrogram, crop_frames)
+  free = spectrogram.shape[0] - crop_frames
   return np.stack([spectrogram[i * free // (count - 1):][:crop_frames] for i in range(count)])
 
 

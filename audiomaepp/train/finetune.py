@@ -52,14 +52,18 @@ def validate_config(config: ml_collections.ConfigDict) -> models.ModelConfig:
   for name, ok in checks.items():
     if not ok:
       raise ConfigError(f"config.finetune.{name}={ft[name]} is out of range")
-  if config.data.eval_crops < 1:
-    raise ConfigError(f"config.data.eval_crops={config.data.eval_crops}: expected 1 or more "
-                      "crops per clip")
+  check_eval_crops(config.data.eval_crops, "config.data.eval_crops")
   try:
     step_lib.build_model(config, model_config, 1)
   except UserError as e:
     raise ConfigError(str(e)) from None
   return model_config
+
+
+def check_eval_crops(crops: int, field: str) -> None:
+  """One line naming `field` unless `crops` (evaluation crops per clip) is at least 1."""
+  if crops < 1:
+    raise ConfigError(f"{field}={crops}: expected 1 or more crops per clip")
 
 
 def read_task(config: ml_collections.ConfigDict) -> labelled.LabelledSet:
@@ -326,8 +330,7 @@ def score_workdir(workdir: str, task_dir: Optional[str] = None, split: Optional[
   if not split:
     raise ConfigError(f"{workdir} was trained without a test split: name the split to score")
   crops = config.data.get("eval_crops", 1) if eval_crops is None else eval_crops
-  if crops < 1:
-    raise ConfigError(f"eval_crops={crops}: expected 1 or more crops per clip")
+  check_eval_crops(crops, "eval_crops")
   model = step_lib.build_model(config, model_config, len(task.vocabulary))
   abstract = step_lib.abstract_params(model)
   best_dir = checkpointing.workdir_path(workdir) / BEST_DIR

@@ -183,11 +183,10 @@ def predict_step(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) 
   the linear head on the mean of their pooled features, as the HEAR protocol averages a clip's
   chunk embeddings."""
   spectrogram = batch["spectrogram"]
-  if spectrogram.ndim == 3:
-    return model.apply({"params": params}, spectrogram, train=False).astype(jnp.float32)
-  logits = model.apply({"params": params}, spectrogram.reshape(-1, *spectrogram.shape[2:]),
+  logits = model.apply({"params": params}, spectrogram.reshape(-1, *spectrogram.shape[-2:]),
                        train=False).astype(jnp.float32)
-  return logits.reshape(*spectrogram.shape[:2], -1).mean(axis=1)
+  logits = logits.reshape(*spectrogram.shape[:-2], -1)
+  return logits if spectrogram.ndim == 3 else logits.mean(axis=1)
 
 
 def build_model(config: ml_collections.ConfigDict, model_config: Any,
